@@ -1,0 +1,44 @@
+"""Privacy accounting (TORCH-FREE): events, accountants, calibration, budgets.
+
+Events are ``dp_accounting`` DpEvents built and validated by :mod:`dpkit.accountants.events`;
+accountants (``"pld"`` default, ``"rdp"``, ``"prv"``, ``"gdp"``) share one interface
+(:class:`Accountant`). Public names are resolved lazily from the module that owns them.
+"""
+
+from importlib import import_module
+
+# public name -> defining submodule (relative to this package)
+_PUBLIC = {
+    # events
+    "dpsgd_event": "events",
+    "fixed_size_event": "events",
+    "gaussian_event": "events",
+    "laplace_event": "events",
+    "compose_events": "events",
+    "NeighboringRelation": "events",
+    # accountants
+    "Accountant": "base",
+    "make_accountant": "registry",
+    "register_accountant": "registry",
+    "available_accountants": "registry",
+    # calibration and budgets
+    "calibrate_noise_multiplier": "calibration",
+    "steps_for_budget": "calibration",
+    "PrivacyBudget": "budget",
+    # matrix mechanisms (MMCC)
+    "mmcc_epsilon": "mmcc",
+    # amplification by iteration
+    "IterationAccountant": "iteration",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name):
+    if name in _PUBLIC:
+        return getattr(import_module(f"{__name__}.{_PUBLIC[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

@@ -1,0 +1,36 @@
+"""dpkit's exception tree.
+
+Bad argument values raise the built-in ``ValueError`` and wrong kinds ``TypeError``; the classes
+here are for domain failures that a caller may want to catch on their own::
+
+    DPKitError
+    ├── PrivacyBudgetExceeded      a spend would take ε past the budget (raised BEFORE the spend)
+    ├── CalibrationError           no noise level reaches the requested (ε, δ)   (also a ValueError)
+    ├── UnsupportedModuleError     a layer dpkit cannot clip per example        (also a TypeError)
+    ├── UnsupportedEventError      an accountant cannot account an event
+    └── NoisePendingError          weights released while lazy noise is still pending
+"""
+
+
+class DPKitError(Exception):
+    """Base class of every dpkit-specific error."""
+
+
+class PrivacyBudgetExceeded(DPKitError):
+    """Raised before a privacy spend that would exceed the budget."""
+
+
+class CalibrationError(DPKitError, ValueError):
+    """Raised when no noise level within the searched range meets the privacy target."""
+
+
+class UnsupportedModuleError(DPKitError, TypeError):
+    """Raised when a module cannot be trained with per-example clipping (e.g. BatchNorm)."""
+
+
+class UnsupportedEventError(DPKitError):
+    """Raised when an accountant is asked to account an event it does not support."""
+
+
+class NoisePendingError(DPKitError):
+    """Raised when weights would be released while lazily delayed noise is still pending."""
