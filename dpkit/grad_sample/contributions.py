@@ -1,0 +1,166 @@
+"""Per-example gradient of ONE parameter, kept in whatever form is cheapest.
+
+Every form answers three questions for a batch of B examples:
+
+* ``norm_sq()``        — ‖G_i‖² for each example i, shape (B,), accumulated in float32 or wider;
+* ``clipped_sum(c)``   — Σ_i c_i G_i, shape of the parameter;
+* ``instantiate()``    — the explicit (B, *shape) tensor (only when unavoidable: tied parameters).
+
+Forms: :class:`LinearWeightGrad` (book-keeping pair (a, g), ghost norm or instantiated per input
+shape), :class:`EmbeddingRowGrad` (sparse rows, exact norms through per-example row aggregation)
+and :class:`ExplicitGrad` (already instantiated).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _norm_dtype(t: torch.Tensor) -> torch.dtype:
+    """Norms are accumulated in at least float32 (mixed precision: bf16/fp16 activations)."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+class ExplicitGrad:
+    """Per-example gradients already materialised as (B, *shape)."""
+
+    path = "per_sample"
+
+    def __init__(self, grads: torch.Tensor):
+        self.grads = grads
+
+    def norm_sq(self):
+        g = self.grads.to(_norm_dtype(self.grads))
+        return g.reshape(g.shape[0], -1).pow(2).sum(1)
+
+    def clipped_sum(self, c):
+        return torch.einsum("b...,b->...", self.grads, c.to(self.grads.dtype))
+
+    def instantiate(self):
+        return self.grads
+
+    def zero_examples(self, bad: torch.Tensor) -> None:
+        self.grads = torch.where(_expand(bad, self.grads), 0, self.grads)
+
+
+class LinearWeightGrad:
+    """G_i = Σ_{k,t} g[i,k,t]ᵀ a[i,k,t] per weight block k (book-keeping form).
+
+    ``ghost=None`` picks per input shape: the ghost norm costs O(T²(p+d)) per example and block,
+    instantiation O(T·p·d); ghost is used when 2T² ≤ p·d (Bu et al., ICML 2023, Sec. 3.2). The
+    choice is made for every batch, so a layer can switch paths when the sequence length changes.
+    """
+
+    def __init__(self, a, g, weight_shape, ghost: bool | None = None):
+        self.a, self.g, self.weight_shape = a, g, weight_shape
+        T, d, p = a.shape[2], a.shape[3], g.shape[3]
+        self.ghost = (2 * T * T <= p * d) if ghost is None else ghost
+        self.path = "ghost" if self.ghost else "instantiate"
+        self._explicit = None
+
+    def norm_sq(self):
+        if not self.ghost:
+            return ExplicitGrad(self._blocks()).norm_sq()
+        dt = _norm_dtype(self.a)
+        a, g = self.a.to(dt), self.g.to(dt)
+        gram_a = torch.einsum("bktd,bksd->bkts", a, a)
+        gram_g = torch.einsum("bktp,bksp->bkts", g, g)
+        return (gram_a * gram_g).sum(dim=(1, 2, 3))
+
+    def clipped_sum(self, c):
+        if self._explicit is not None:
+            return torch.einsum("bkpd,b->kpd", self._explicit, c.to(self._explicit.dtype)).reshape(self.weight_shape)
+        gc = self.g * c.to(self.g.dtype).view(-1, 1, 1, 1)
+        return torch.einsum("bktp,bktd->kpd", gc, self.a).reshape(self.weight_shape)
+
+    def _blocks(self):
+        if self._explicit is None:
+            self._explicit = torch.einsum("bktp,bktd->bkpd", self.g, self.a)
+        return self._explicit
+
+    def instantiate(self):
+        return self._blocks().reshape(self.a.shape[0], *self.weight_shape)
+
+    def zero_examples(self, bad):
+        self.a = torch.where(_expand(bad, self.a), 0, self.a)
+        self.g = torch.where(_expand(bad, self.g), 0, self.g)
+        if self._explicit is not None:
+            self._explicit = torch.where(_expand(bad, self._explicit), 0, self._explicit)
+
+    @staticmethod
+    def concat(parts: list["LinearWeightGrad"], ghost=None) -> "LinearWeightGrad":
+        """Several uses of the same layer: G_i = Σ_uses gᵀa = [g₁;g₂]ᵀ[a₁;a₂] (exact cross terms)."""
+        if len(parts) == 1 and ghost is None:
+            return parts[0]
+        a = torch.cat([p.a for p in parts], dim=2)
+        g = torch.cat([p.g for p in parts], dim=2)
+        return LinearWeightGrad(a, g, parts[0].weight_shape, ghost)
+
+
+class EmbeddingRowGrad:
+    """Embedding gradient as (example, row, vector) triples: G_i = Σ_{t: ex_t=i} e_{row_t} g_tᵀ.
+
+    Norms are exact and cost O(#lookups·d): gradients of repeated (example, row) pairs are summed
+    first (this is the ghost norm Σ_{t,t'} [id_t = id_t'] ⟨g_t, g_t'⟩ without the T² Gram matrix).
+    Padding rows were removed by the rule.
+    """
+
+    path = "embedding_rows"
+
+    def __init__(self, example, rows, grads, batch_size, shape):
+        self.example, self.rows, self.grads = example, rows, grads
+        self.batch_size, self.shape = batch_size, shape
+
+    def norm_sq(self):
+        num_rows = self.shape[0]
+        key = self.example * num_rows + self.rows
+        unique, inverse = torch.unique(key, return_inverse=True)
+        dt = _norm_dtype(self.grads)
+        summed = torch.zeros(unique.numel(), self.shape[1], dtype=dt, device=self.grads.device)
+        summed.index_add_(0, inverse, self.grads.to(dt))
+        out = torch.zeros(self.batch_size, dtype=dt, device=self.grads.device)
+        return out.index_add_(0, unique // num_rows, summed.pow(2).sum(1))
+
+    def clipped_sum(self, c):
+        out = torch.zeros(self.shape, dtype=self.grads.dtype, device=self.grads.device)
+        return out.index_add_(0, self.rows, self.grads * c.to(self.grads.dtype)[self.example].unsqueeze(1))
+
+    def instantiate(self):
+        num_rows = self.shape[0]
+        out = torch.zeros(self.batch_size * num_rows, self.shape[1], dtype=self.grads.dtype,
+                          device=self.grads.device)
+        out.index_add_(0, self.example * num_rows + self.rows, self.grads)
+        return out.view(self.batch_size, *self.shape)
+
+    def zero_examples(self, bad):
+        self.grads = torch.where(bad[self.example].unsqueeze(1), 0, self.grads)
+
+    @staticmethod
+    def concat(parts: list["EmbeddingRowGrad"]) -> "EmbeddingRowGrad":
+        if len(parts) == 1:
+            return parts[0]
+        return EmbeddingRowGrad(torch.cat([p.example for p in parts]), torch.cat([p.rows for p in parts]),
+                                torch.cat([p.grads for p in parts]), parts[0].batch_size, parts[0].shape)
+
+
+def _expand(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return mask.view(-1, *([1] * (like.dim() - 1)))
+
+
+def combine(parts: list) -> object:
+    """One contribution for a parameter reached through several uses.
+
+    Uses of the same kind merge exactly (concatenated book-keeping pairs or row triples, so the
+    cross terms of the norm are kept); uses of different kinds (e.g. an embedding tied to the output
+    layer) are instantiated and summed — exact, at the cost of a (B, *shape) tensor.
+    """
+    if len(parts) == 1:
+        return parts[0]
+    if all(isinstance(p, LinearWeightGrad) for p in parts):
+        return LinearWeightGrad.concat(parts)
+    if all(isinstance(p, EmbeddingRowGrad) for p in parts):
+        return EmbeddingRowGrad.concat(parts)
+    total = parts[0].instantiate()
+    for p in parts[1:]:
+        total = total + p.instantiate()
+    return ExplicitGrad(total)

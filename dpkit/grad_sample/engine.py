@@ -1,0 +1,287 @@
+"""The gradient engine: per-example clipping of a model's gradients from ONE backward pass.
+
+Hooks on every module that owns trainable parameters keep what its rule needs from the forward
+pass (activations) and the output gradients from the backward pass. :meth:`GradientEngine.accumulate`
+then turns them into per-example norms, clip factors and the clipped SUM Σ_i c_i g_i, added to a
+running sum (several physical batches may make up one logical batch).
+
+Engines (``mode``):
+
+* ``"bk"`` — book-keeping (Bu, Wang, Zha, Karypis, ICML 2023): layers with a linear view never
+  materialise per-example gradients when the ghost norm is cheaper; the clipped sum is one extra
+  matrix product per layer.
+* ``"per_sample"`` — every per-example gradient is materialised (Opacus-style hooks); a reference
+  and a fallback.
+
+Layers without a rule use the torch.func fallback; cross-example layers are refused at wrap time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+import torch.nn as nn
+from torch.utils._pytree import tree_flatten
+
+from dpkit import _validate
+from dpkit.grad_sample.contributions import (
+    EmbeddingRowGrad,
+    ExplicitGrad,
+    LinearWeightGrad,
+    combine,
+)
+from dpkit.grad_sample.functorch_fallback import FunctorchFallback, output_axes
+from dpkit.grad_sample.layers import EmbeddingBagRule, EmbeddingRule, LinearViewRule, rule_for
+from dpkit.grad_sample.rnn import check_rnn
+from dpkit.grad_sample.validation import check_model
+
+ENGINES = ("bk", "per_sample")
+# modules that use their children's parameters functionally (the children are never called)
+ATOMIC_MODULES = (nn.MultiheadAttention,)
+CLIP_SCOPES = ("flat", "per_layer")
+CLIP_FUNCTIONS = ("standard", "automatic")
+
+
+class GradientEngine:
+    """Per-example clipping for every trainable parameter of ``model``.
+
+    Args:
+        model: the model; validated at construction (cross-example layers raise
+            :class:`dpkit.UnsupportedModuleError` naming the module).
+        max_grad_norm: clip norm C > 0 (total over all parameters with ``clip_scope="flat"``).
+        mode: ``"bk"`` (default) or ``"per_sample"``.
+        clip_scope: ``"flat"`` (one norm over all parameters) or ``"per_layer"`` (each parameter
+            tensor clipped to C/√P, P parameter tensors, so the total contribution is still ≤ C).
+        clip_function: ``"standard"`` (c_i = min(1, C/‖g_i‖)) or ``"automatic"`` (c_i = C/(‖g_i‖+γ),
+            Bu, Mao, Xu, NeurIPS 2023, "Automatic clipping", Eq. 4; ‖c_i g_i‖ < C always).
+        loss_reduction: ``"mean"`` if the loss averages over the batch (the captured output
+            gradients are multiplied back by the physical batch size) or ``"sum"``.
+        stability: γ of automatic clipping.
+
+    Raises:
+        ValueError/TypeError: bad arguments, named.
+        UnsupportedModuleError: BatchNorm and other cross-example layers.
+    """
+
+    def __init__(self, model: nn.Module, *, max_grad_norm: float, mode: str = "bk",
+                 clip_scope: str = "flat", clip_function: str = "standard",
+                 loss_reduction: str = "mean", stability: float = 0.01):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+        self.max_grad_norm = _validate.positive("max_grad_norm", max_grad_norm)
+        self.mode = _validate.one_of("clipping", mode, ENGINES)
+        self.clip_scope = _validate.one_of("clip_scope", clip_scope, CLIP_SCOPES)
+        self.clip_function = _validate.one_of("clip_function", clip_function, CLIP_FUNCTIONS)
+        self.loss_reduction = _validate.one_of("loss_reduction", loss_reduction, ("mean", "sum"))
+        self.stability = _validate.positive("stability", stability)
+        check_model(model)
+        self.model = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("model must have at least one trainable parameter (requires_grad=True); "
+                             "got none")
+        self._names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+        self._owners: list[tuple[str, nn.Module, object]] = []
+        atomic_prefixes: list[str] = []
+        for name, module in model.named_modules():
+            if any(name.startswith(prefix) for prefix in atomic_prefixes):
+                continue  # parameters already owned by an enclosing atomic module
+            if isinstance(module, ATOMIC_MODULES):
+                # its children's weights are used functionally, never by calling the children
+                atomic_prefixes.append(f"{name}.")
+                if any(p.requires_grad for p in module.parameters()):
+                    self._owners.append((name, module, FunctorchFallback(recurse=True)))
+            elif any(p.requires_grad for p in module.parameters(recurse=False)):
+                if isinstance(module, nn.RNNBase):
+                    check_rnn(name, module)
+                rule = rule_for(module) or FunctorchFallback()
+                self._owners.append((name, module, rule))
+        self._records: dict[nn.Module, list] = defaultdict(list)
+        self._handles = []
+        self._silenced = False
+        self.summed_grads: dict[int, torch.Tensor] = {}
+        self.examples_seen = 0
+        self.paths: dict[str, str] = {}
+        self.dropped_examples = 0
+        self.attach()
+
+    # ------------------------------------------------------------------ hooks
+    def attach(self) -> None:
+        """Install the hooks (done at construction)."""
+        if self._handles:
+            return
+        for name, module, rule in self._owners:
+            self._handles.append(module.register_forward_hook(self._forward_hook(module, rule),
+                                                              with_kwargs=True))
+        self._handles.append(self.model.register_forward_pre_hook(self._before_model_forward))
+
+    def detach(self) -> None:
+        """Remove the hooks; the model behaves as a plain module again."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._records.clear()
+
+    def _capturing(self) -> bool:
+        return self.model.training and torch.is_grad_enabled() and not self._silenced
+
+    def _before_model_forward(self, module, args):
+        # a new forward pass: clip what the previous backward left (gradient accumulation)
+        if self._capturing() and self._ready():
+            self.accumulate()
+
+    def _forward_hook(self, module, rule):
+        def hook(mod, args, kwargs, output):
+            if not self._capturing():
+                return
+            if isinstance(rule, FunctorchFallback):
+                captured = rule.capture(mod, args, kwargs)
+            else:
+                captured = rule.capture(mod, args, output)
+            leaves, _ = tree_flatten(output)
+            leaves = [t if isinstance(t, torch.Tensor) else None for t in leaves]
+            record = (captured, [None] * len(leaves))
+            self._records[mod].append(record)
+            for i, t in enumerate(leaves):
+                if t is not None and t.requires_grad:
+                    t.register_hook(self._grad_hook(record, i))
+        return hook
+
+    @staticmethod
+    def _grad_hook(record, index):
+        def hook(grad):
+            slot = record[1]
+            slot[index] = grad.detach() if slot[index] is None else slot[index] + grad.detach()
+        return hook
+
+    def _ready(self) -> bool:
+        return any(any(g is not None for g in grads) for recs in self._records.values() for _, grads in recs)
+
+    # ------------------------------------------------------------- clipping
+    def accumulate(self) -> int:
+        """Clip the per-example gradients of the last backward pass and add their sum.
+
+        Returns the number of examples processed (0 for an empty batch or nothing captured).
+        """
+        contributions: dict[int, list] = defaultdict(list)
+        batch_size = None
+        for name, module, rule in self._owners:
+            for captured, grads in self._records.pop(module, []):
+                if all(g is None for g in grads):
+                    continue  # output did not reach the loss: zero gradient for these uses
+                B = self._batch_size(module, rule, grads)
+                if batch_size is None:
+                    batch_size = B
+                elif B != batch_size:
+                    raise RuntimeError(
+                        f"module {name!r} saw a batch of {B} examples but others saw {batch_size}; "
+                        "dpkit needs the batch on axis 0 of every layer's input (batch_first)")
+                scale = B if self.loss_reduction == "mean" else 1
+                for p, contrib in self._contributions(name, module, rule, captured, grads, scale):
+                    contributions[id(p)].append(contrib)
+        self._records.clear()
+        if batch_size is None or batch_size == 0:
+            return 0
+        merged = {pid: combine(parts) for pid, parts in contributions.items()}
+        if self.mode == "per_sample":
+            merged = {pid: c if isinstance(c, ExplicitGrad) else ExplicitGrad(c.instantiate())
+                      for pid, c in merged.items()}
+        factors = self._clip_factors(merged, batch_size)
+        for pid, contrib in merged.items():
+            s = contrib.clipped_sum(factors[pid])
+            if pid in self.summed_grads:
+                self.summed_grads[pid].add_(s)
+            else:
+                self.summed_grads[pid] = s
+        self.examples_seen += batch_size
+        return batch_size
+
+    @staticmethod
+    def _batch_size(module, rule, grads):
+        i, g = next((i, g) for i, g in enumerate(grads) if g is not None)
+        if isinstance(rule, FunctorchFallback):
+            return g.shape[output_axes(module, len(grads))[i]]
+        return g.shape[0]
+
+    def _contributions(self, name, module, rule, captured, grads, scale):
+        """Yield (parameter, contribution) for each trainable direct parameter of ``module``."""
+        if isinstance(rule, FunctorchFallback):
+            params = dict(module.named_parameters(recurse=rule.recurse))
+            grads = [g * scale if g is not None else None for g in grads]
+            self._silenced = True  # children called inside functional_call must not record
+            try:
+                with torch.enable_grad():
+                    per_sample = rule.per_sample_grads(module, captured, grads, self._batch_size(module, rule, grads))
+            finally:
+                self._silenced = False
+            self.paths[name] = "functorch"
+            for pname, g in per_sample.items():
+                yield params[pname], ExplicitGrad(g)
+            return
+        g = grads[0] * scale
+        if isinstance(rule, LinearViewRule):
+            view = rule.view(module, captured, g)
+            if module.weight.requires_grad:
+                contrib = LinearWeightGrad(view.a, view.g, view.weight_shape,
+                                           ghost=False if self.mode == "per_sample" else None)
+                self.paths[name] = contrib.path
+                yield module.weight, contrib
+            if view.bias_grad is not None:
+                yield module.bias, ExplicitGrad(view.bias_grad)
+        elif isinstance(rule, (EmbeddingRule, EmbeddingBagRule)):
+            example, rows, vecs = rule.rows(module, captured, g)
+            self.paths[name] = "embedding_rows"
+            yield module.weight, EmbeddingRowGrad(example, rows, vecs, g.shape[0], module.weight.shape)
+        else:
+            self.paths[name] = "per_sample"
+            params = dict(module.named_parameters(recurse=False))
+            for pname, ps in rule.per_sample_grads(module, captured, g).items():
+                yield params[pname], ExplicitGrad(ps)
+
+    def _clip_factors(self, merged: dict, batch_size: int) -> dict[int, torch.Tensor]:
+        norms_sq = {pid: c.norm_sq() for pid, c in merged.items()}
+        any_norm = next(iter(norms_sq.values()))
+        if self.clip_scope == "flat":
+            total = torch.zeros(batch_size, dtype=any_norm.dtype, device=any_norm.device)
+            for n in norms_sq.values():
+                total = total + n
+            groups = {None: (total, self.max_grad_norm)}
+        else:
+            per_tensor = self.max_grad_norm / math.sqrt(len(self.params))
+            groups = {pid: (n, per_tensor) for pid, n in norms_sq.items()}
+        factors = {}
+        for key, (sq, clip) in groups.items():
+            norm = sq.clamp(min=0).sqrt()
+            bad = ~torch.isfinite(norm)
+            if bad.any():  # a NaN/inf gradient: drop that example (factor 0) rather than poison the sum
+                self.dropped_examples += int(bad.sum())
+                for pid in (merged if key is None else [key]):
+                    merged[pid].zero_examples(bad)
+                norm = torch.where(bad, 0, norm)
+            if self.clip_function == "standard":
+                c = (clip / (norm + 1e-12)).clamp(max=1.0)
+            else:
+                c = clip / (norm + self.stability)
+            c = torch.where(bad, 0, c)
+            if key is None:
+                factors = {pid: c for pid in merged}
+            else:
+                factors[key] = c
+        return factors
+
+    # ----------------------------------------------------------- bookkeeping
+    def reset(self) -> None:
+        """Forget accumulated sums and any captured activations (start of a logical batch)."""
+        self.summed_grads.clear()
+        self._records.clear()
+        self.examples_seen = 0
+
+    def clipped_sum(self, p: torch.Tensor) -> torch.Tensor:
+        """The accumulated clipped sum for parameter ``p`` (zeros if no example touched it)."""
+        s = self.summed_grads.get(id(p))
+        return torch.zeros_like(p) if s is None else s.to(p.dtype)
+
+    def parameter_name(self, p: torch.Tensor) -> str:
+        return self._names.get(id(p), "<unnamed>")

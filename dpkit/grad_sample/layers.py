@@ -1,0 +1,267 @@
+"""Per-layer rules: how to get a layer's per-example gradient information from the activations and
+output gradients of ONE ordinary forward/backward pass.
+
+Two kinds of rule:
+
+* :class:`LinearViewRule` — layers whose weight gradient is a sum of outer products,
+  ``G_i = Σ_t g_{i,t} a_{i,t}ᵀ`` (Linear on any number of positions, Conv1d/2d/3d after unfolding).
+  They expose the pair (a, g); the engine then chooses per input shape between the ghost norm
+  ``‖G_i‖² = ⟨a_i a_iᵀ, g_i g_iᵀ⟩`` and instantiating ``G_i``, and forms the clipped sum
+  ``Σ_i c_i G_i = aᵀ diag(c) g`` with one extra matrix product (book-keeping; Bu, Wang, Zha,
+  Karypis, ICML 2023, Sec. 3).
+* :class:`PerSampleRule` — layers whose per-example gradients are small (norm layers, embedding
+  rows, ...) and are formed explicitly, or through an exact sparse computation.
+
+A rule's ``capture`` runs in the forward hook and keeps only what the backward step needs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class LinearView:
+    """Per-example weight gradient of one use of a layer, as G_i = Σ_t g[i, k, t]ᵀ a[i, k, t].
+
+    ``a``: (B, K, T, d) activations, ``g``: (B, K, T, p) output gradients, with K weight blocks
+    (conv groups; 1 otherwise). The weight gradient of block k has shape (p, d); ``weight_shape``
+    is the parameter's shape, restored after the (K·p, d) block layout.
+    ``bias_grad``: (B, K·p) per-example bias gradient, or None.
+    """
+
+    a: torch.Tensor
+    g: torch.Tensor
+    weight_shape: torch.Size
+    bias_grad: torch.Tensor | None
+
+
+class LinearViewRule:
+    """Base of rules that expose a :class:`LinearView`."""
+
+    def capture(self, module, inputs, output):
+        return inputs[0].detach()
+
+    def view(self, module, activation, grad_output) -> LinearView:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class LinearRule(LinearViewRule):
+    """nn.Linear on inputs of shape (B, *, d): every non-batch position is a token t."""
+
+    def view(self, module, activation, grad_output):
+        B = activation.shape[0]
+        a = activation.reshape(B, 1, -1, activation.shape[-1])
+        g = grad_output.reshape(B, 1, -1, grad_output.shape[-1])
+        bias = g.sum(dim=2).reshape(B, -1) if _trainable(module.bias) else None
+        return LinearView(a, g, module.weight.shape, bias)
+
+
+class ConvRule(LinearViewRule):
+    """nn.Conv1d/2d/3d with zero padding: the unfolded input is the activation (im2col)."""
+
+    def view(self, module, activation, grad_output):
+        B, K = activation.shape[0], module.groups
+        cols = _unfold(activation, module)  # (B, C_in·k, L)
+        d = cols.shape[1] // K
+        a = cols.reshape(B, K, d, -1).transpose(2, 3)  # (B, K, L, d)
+        g = grad_output.reshape(B, K, module.out_channels // K, -1).transpose(2, 3)  # (B, K, L, p)
+        bias = g.sum(dim=2).reshape(B, -1) if _trainable(module.bias) else None
+        return LinearView(a, g, module.weight.shape, bias)
+
+
+def _unfold(x: torch.Tensor, conv: nn.Module) -> torch.Tensor:
+    """im2col for 1-, 2- and 3-D convolutions: (B, C, *spatial) -> (B, C·prod(kernel), L)."""
+    dims = x.dim() - 2
+    padding = conv.padding
+    if isinstance(padding, str):  # "same"/"valid": resolve to explicit amounts
+        if padding == "valid":
+            padding = (0,) * dims
+        else:
+            total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+            pads = []
+            for t in reversed(total):
+                pads += [t // 2, t - t // 2]
+            x = F.pad(x, pads)
+            padding = (0,) * dims
+    if dims == 2:
+        return F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride)
+    # 1-D and 3-D: pad, then take sliding windows with Tensor.unfold on each spatial axis
+    pads = []
+    for p in reversed(padding):
+        pads += [p, p]
+    x = F.pad(x, pads)
+    B, C = x.shape[:2]
+    for axis, (k, s, dil) in enumerate(zip(conv.kernel_size, conv.stride, conv.dilation)):
+        span = dil * (k - 1) + 1
+        x = x.unfold(2 + axis, span, s)  # appends a window axis of length span
+        if dil > 1:
+            x = x[..., ::dil]
+    # x: (B, C, *out_spatial, *kernel)
+    out_spatial = x.shape[2:2 + dims]
+    x = x.permute(0, 1, *range(2 + dims, 2 + 2 * dims), *range(2, 2 + dims))
+    return x.reshape(B, C * math.prod(conv.kernel_size), math.prod(out_spatial))
+
+
+class PerSampleRule:
+    """Base of rules returning explicit per-example gradients {param_name: (B, *shape)}."""
+
+    def capture(self, module, inputs, output):
+        return inputs[0].detach()
+
+    def per_sample_grads(self, module, activation, grad_output) -> dict:  # pragma: no cover
+        raise NotImplementedError
+
+
+class EmbeddingRule(PerSampleRule):
+    """nn.Embedding. Exposes the looked-up ids; the engine aggregates rows per example sparsely."""
+
+    def capture(self, module, inputs, output):
+        return inputs[0].detach()
+
+    def rows(self, module, ids, grad_output):
+        """Per-example row gradients as (example index, row id, gradient) triples, padding removed."""
+        B = ids.shape[0]
+        ids = ids.reshape(B, -1)
+        g = grad_output.reshape(B, ids.shape[1], -1)
+        example = torch.arange(B, device=ids.device).unsqueeze(1).expand_as(ids)
+        keep = torch.ones_like(ids, dtype=torch.bool)
+        if module.padding_idx is not None:
+            keep = ids != module.padding_idx
+        return example[keep], ids[keep], g[keep]
+
+
+class EmbeddingBagRule(PerSampleRule):
+    """nn.EmbeddingBag (mode sum or mean; 2-D input, or 1-D input with offsets)."""
+
+    def capture(self, module, inputs, output):
+        ids = inputs[0].detach()
+        offsets = inputs[1].detach() if len(inputs) > 1 and inputs[1] is not None else None
+        weights = inputs[2].detach() if len(inputs) > 2 and inputs[2] is not None else None
+        return ids, offsets, weights
+
+    def rows(self, module, activation, grad_output):
+        ids, offsets, weights = activation
+        B = grad_output.shape[0]
+        if ids.dim() == 2:
+            bag = torch.arange(B, device=ids.device).unsqueeze(1).expand_as(ids).reshape(-1)
+            ids = ids.reshape(-1)
+            weights = weights.reshape(-1) if weights is not None else None
+        else:
+            counts = torch.diff(offsets, append=torch.tensor([ids.numel()], device=ids.device))
+            if module.include_last_offset:
+                counts = counts[:-1]
+            bag = torch.repeat_interleave(torch.arange(counts.numel(), device=ids.device), counts)
+        scale = torch.ones(ids.shape, dtype=grad_output.dtype, device=ids.device)
+        if weights is not None:
+            scale = scale * weights
+        if module.mode == "mean":
+            sizes = torch.bincount(bag, minlength=B).clamp(min=1).to(grad_output.dtype)
+            scale = scale / sizes[bag]
+        elif module.mode != "sum":
+            raise NotImplementedError("EmbeddingBag(mode='max') has no per-example rule")
+        keep = torch.ones_like(ids, dtype=torch.bool)
+        if module.padding_idx is not None:
+            keep = ids != module.padding_idx
+        g = grad_output[bag] * scale.unsqueeze(1)
+        return bag[keep], ids[keep], g[keep]
+
+
+class _NormRule(PerSampleRule):
+    """Affine normalisation layers: weight grad = Σ positions g ⊙ x̂, bias grad = Σ positions g."""
+
+    def per_sample_grads(self, module, x, grad_output):
+        x_hat = self.normalised(module, x)
+        reduce_dims = self.position_dims(module, x)
+        out = {}
+        if _trainable(getattr(module, "weight", None)):
+            out["weight"] = (grad_output * x_hat).sum(dim=reduce_dims).reshape(x.shape[0], *module.weight.shape)
+        if _trainable(getattr(module, "bias", None)):
+            out["bias"] = grad_output.sum(dim=reduce_dims).reshape(x.shape[0], *module.bias.shape)
+        return out
+
+
+class LayerNormRule(_NormRule):
+    def normalised(self, module, x):
+        return F.layer_norm(x, module.normalized_shape, eps=module.eps)
+
+    def position_dims(self, module, x):
+        return tuple(range(1, x.dim() - len(module.normalized_shape)))
+
+
+class RMSNormRule(_NormRule):
+    def normalised(self, module, x):
+        return F.rms_norm(x, module.normalized_shape, eps=module.eps)
+
+    def position_dims(self, module, x):
+        return tuple(range(1, x.dim() - len(module.normalized_shape)))
+
+
+class GroupNormRule(_NormRule):
+    def normalised(self, module, x):
+        return F.group_norm(x, module.num_groups, eps=module.eps)
+
+    def position_dims(self, module, x):
+        return tuple(range(2, x.dim()))
+
+
+class InstanceNormRule(_NormRule):
+    def normalised(self, module, x):
+        return F.instance_norm(x, eps=module.eps)
+
+    def position_dims(self, module, x):
+        return tuple(range(2, x.dim()))
+
+
+def _trainable(p) -> bool:
+    return isinstance(p, torch.Tensor) and p.requires_grad
+
+
+_RULES: dict[type, object] = {
+    nn.Linear: LinearRule(),
+    nn.Conv1d: ConvRule(),
+    nn.Conv2d: ConvRule(),
+    nn.Conv3d: ConvRule(),
+    nn.Embedding: EmbeddingRule(),
+    nn.EmbeddingBag: EmbeddingBagRule(),
+    nn.LayerNorm: LayerNormRule(),
+    nn.GroupNorm: GroupNormRule(),
+    nn.InstanceNorm1d: InstanceNormRule(),
+    nn.InstanceNorm2d: InstanceNormRule(),
+    nn.InstanceNorm3d: InstanceNormRule(),
+}
+if hasattr(nn, "RMSNorm"):
+    _RULES[nn.RMSNorm] = RMSNormRule()
+
+
+def register_rule(module_type: type, rule, *, overwrite: bool = False) -> None:
+    """Register a per-example gradient rule for ``module_type`` (exact type match).
+
+    Raises:
+        ValueError: a rule exists and ``overwrite`` is False.
+    """
+    if not isinstance(module_type, type) or not issubclass(module_type, nn.Module):
+        raise TypeError(f"module_type must be an nn.Module subclass; got {module_type!r}")
+    if not isinstance(rule, (LinearViewRule, PerSampleRule)):
+        raise TypeError("rule must be a LinearViewRule or PerSampleRule instance; "
+                        f"got {type(rule).__name__}")
+    if module_type in _RULES and not overwrite:
+        raise ValueError(f"a rule for {module_type.__name__} is already registered; "
+                         "pass overwrite=True to replace it")
+    _RULES[module_type] = rule
+
+
+def rule_for(module: nn.Module):
+    """The registered rule for ``module``, or None (the engine then uses the torch.func fallback)."""
+    rule = _RULES.get(type(module))
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.padding_mode != "zeros":
+        return None  # reflect/replicate/circular padding: leave it to the generic fallback
+    if isinstance(module, (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)) and \
+            module.track_running_stats:
+        return None  # uses running statistics in eval only; handled generically
+    return rule
