@@ -1,0 +1,41 @@
+"""Matrix-factorisation (correlated-noise) mechanisms: DP-FTRL / BandMF / BLT / tree.
+
+Numpy strategies (:mod:`.strategies`), workloads (:mod:`.workloads`), sensitivities under
+participation schemas (:mod:`.sensitivity`); the torch parts — the streaming noise
+:class:`CorrelatedNoise` and the cyclic-Poisson batch sampler — are loaded lazily so that the
+numpy parts import without torch.
+"""
+
+from importlib import import_module
+
+from dpkit.mechanisms.matrix.sensitivity import Participation, sensitivity, workload_errors
+from dpkit.mechanisms.matrix.strategies import (
+    BandedStrategy,
+    BLTStrategy,
+    Strategy,
+    ToeplitzStrategy,
+    TreeStrategy,
+    banded,
+    binary_tree,
+    blt,
+    identity,
+    toeplitz_sqrt,
+)
+from dpkit.mechanisms.matrix.workloads import momentum_prefix_sum, prefix_sum
+
+_LAZY = {"CorrelatedNoise": "streaming", "CyclicPoissonSampler": "participation"}
+
+__all__ = sorted([
+    "Participation", "sensitivity", "workload_errors", "Strategy", "BandedStrategy",
+    "BLTStrategy", "ToeplitzStrategy", "TreeStrategy", "banded", "binary_tree", "blt", "identity",
+    "toeplitz_sqrt", "momentum_prefix_sum", "prefix_sum", *_LAZY])
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

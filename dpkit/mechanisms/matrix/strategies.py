@@ -1,0 +1,446 @@
+"""Factorisation strategies for the matrix mechanism: identity (DP-SGD), binary tree (plain and
+Honaker), b-banded (BandMF), Toeplitz (square-root factorisation) and BLT.
+
+A strategy is an encoder ``C`` (m×n) and its gradient-space noise operator ``M`` (n×m) with
+``C M = I`` restricted to what is released: training adds ``σ·clip·sens·(M z)_t`` to the clipped
+gradient sum at step t, so a run with workload A releases ``A(x + σ sens M z) = A x + σ sens B z``
+with decoder ``B = A M`` and ``B C = A`` (Denisov et al., NeurIPS 2022; Choquette-Choo et al.,
+ICML 2023). For square lower-triangular C, ``M = C⁻¹``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import optimize, signal
+
+from dpkit import _validate
+from dpkit.mechanisms.matrix import sensitivity as _sens
+from dpkit.mechanisms.matrix.workloads import prefix_sum
+
+
+class Strategy:
+    """Base class: a factorisation for ``n`` steps.
+
+    Attributes:
+        n: number of steps.
+        name: short label used in tables.
+        kind: streaming structure: ``"banded"``, ``"tree"``, ``"toeplitz"`` or ``"blt"``.
+    """
+
+    kind = "dense"
+
+    def __init__(self, n: int, name: str):
+        self.n = _validate.positive_int("n", n)
+        self.name = name
+
+    def encoder(self) -> np.ndarray:
+        """Dense encoder ``C`` (m×n)."""
+        raise NotImplementedError
+
+    def noise_operator(self) -> np.ndarray:
+        """Dense gradient-space noise operator ``M`` (n×m): step t gets ``(M z)_t``."""
+        raise NotImplementedError
+
+    def sensitivity(self, participation=None) -> float:
+        """L2 sensitivity of ``C`` (see :func:`dpkit.mechanisms.matrix.sensitivity.sensitivity`)."""
+        return _sens.sensitivity(self.encoder(), participation)
+
+    def errors(self, workload=None, participation=None) -> dict:
+        """Max and mean squared error of ``workload`` (default prefix sums) per unit σ·clip.
+
+        Returns:
+            dict with keys ``"max"`` and ``"mean"``.
+        """
+        A = prefix_sum(self.n) if workload is None else np.asarray(workload, float)
+        if A.shape != (self.n, self.n):
+            raise ValueError(f"workload must have shape ({self.n}, {self.n}); got {A.shape}")
+        return _sens.workload_errors(A, self.noise_operator(), self.sensitivity(participation))
+
+    def __repr__(self):
+        return f"{type(self).__name__}(n={self.n}, name={self.name!r})"
+
+
+class BandedStrategy(Strategy):
+    """Square lower-triangular b-banded encoder (identity when b = 1); ``M = C⁻¹``.
+
+    Streams with ``b − 1`` past noise vectors by forward substitution.
+
+    Args:
+        C: ``(n, n)`` lower-triangular array with ``C[i, j] = 0`` for ``i − j >= bands`` and a
+            positive diagonal.
+        name: label.
+
+    Raises:
+        ValueError: ``C`` is not square, lower-triangular, banded as claimed, or has a
+            non-positive diagonal.
+    """
+
+    kind = "banded"
+
+    def __init__(self, C, *, name: str = "banded"):
+        C = _sens._as_matrix("C", C)
+        n = C.shape[0]
+        if C.shape != (n, n):
+            raise ValueError(f"C must be square; got shape {C.shape}")
+        if np.any(np.triu(C, 1) != 0):
+            raise ValueError("C must be lower-triangular (causal); it has entries above the diagonal")
+        if np.any(np.diag(C) <= 0):
+            raise ValueError("C must have a positive diagonal (invertible, causal)")
+        super().__init__(n, name)
+        offsets = np.nonzero(np.tril(C))
+        self.bands = int((offsets[0] - offsets[1]).max()) + 1
+        self._C = C
+
+    def encoder(self):
+        return self._C.copy()
+
+    def noise_operator(self):
+        from scipy.linalg import solve_triangular
+        return solve_triangular(self._C, np.eye(self.n), lower=True)
+
+    def band_coefficients(self) -> np.ndarray:
+        """``(n, bands)`` array: ``[t, k] = C[t, t − k]`` (0 where ``t − k < 0``)."""
+        out = np.zeros((self.n, self.bands))
+        for k in range(self.bands):
+            out[k:, k] = np.diagonal(self._C, -k)
+        return out
+
+
+def identity(n: int) -> BandedStrategy:
+    """The identity factorisation ``C = I``: i.i.d. noise, i.e. DP-SGD.
+
+    Raises:
+        TypeError, ValueError: ``n`` is not a positive integer.
+    """
+    n = _validate.positive_int("n", n)
+    return BandedStrategy(np.eye(n), name="identity")
+
+
+def _toeplitz_inverse_impulse(c: np.ndarray, n: int) -> np.ndarray:
+    """First n coefficients of the power series 1 / c(x) (c[0] > 0)."""
+    impulse = np.zeros(n)
+    impulse[0] = 1.0
+    return signal.lfilter([1.0], c, impulse)
+
+
+def _banded_objective(tail: np.ndarray, n: int, A: np.ndarray | None) -> float:
+    c = np.concatenate([[1.0], tail])
+    r = _toeplitz_inverse_impulse(c, n)
+    if A is None:  # prefix sums: A C⁻¹ is Toeplitz with coefficients cumsum(r)
+        q = np.cumsum(r)
+        frob = float(np.sum((n - np.arange(n)) * q * q))
+    else:  # rows x of A C⁻¹ solve x C = a: backward recursion along each row
+        X = signal.lfilter([1.0], c, A[:, ::-1], axis=1)[:, ::-1]
+        frob = float(np.sum(X * X))
+    val = float(c @ c) * frob  # sens² (max column norm² = ‖c‖²) × squared error
+    return val if np.isfinite(val) else 1e300
+
+
+def banded(n: int, bands: int, *, workload=None, normalize_columns: bool = True,
+           maxiter: int = 200) -> BandedStrategy:
+    """BandMF: a b-banded lower-triangular Toeplitz encoder optimised for the workload.
+
+    Minimises ``‖c‖²·‖A C⁻¹‖_F²`` (mean squared error × sensitivity², scale-free) over the band
+    coefficients ``c_1..c_{b−1}`` (``c_0 = 1``) with L-BFGS, starting from the truncated
+    square-root factorisation; then optionally rescales columns to unit norm (so the sensitivity
+    is exactly 1 for single participation and ``sqrt(k)`` under b-min-separation with k
+    participations). Follows "(Amplified) Banded Matrix Factorization" (Choquette-Choo et al.,
+    NeurIPS 2023), §3, restricted to Toeplitz bands.
+
+    Args:
+        n: steps.
+        bands: b >= 1 (b = 1 is the identity / DP-SGD).
+        workload: ``(n, n)`` workload, default prefix sums.
+        normalize_columns: rescale columns to unit L2 norm.
+        maxiter: L-BFGS iterations.
+
+    Returns:
+        A :class:`BandedStrategy`.
+
+    Raises:
+        TypeError, ValueError: bad arguments.
+    """
+    n = _validate.positive_int("n", n)
+    bands = _validate.positive_int("bands", bands)
+    maxiter = _validate.positive_int("maxiter", maxiter)
+    if bands > n:
+        raise ValueError(f"bands must be <= n ({n}); got {bands}")
+    A = None
+    if workload is not None:
+        A = np.asarray(workload, float)
+        if A.shape != (n, n):
+            raise ValueError(f"workload must have shape ({n}, {n}); got {A.shape}")
+    init = _sqrt_coefficients(bands)[1:]
+    if bands > 1:
+        res = optimize.minimize(_banded_objective, init, args=(n, A), method="L-BFGS-B",
+                                options={"maxiter": maxiter})
+        tail = res.x if res.fun <= _banded_objective(init, n, A) else init
+    else:
+        tail = init
+    c = np.concatenate([[1.0], tail])
+    C = np.zeros((n, n))
+    for k, ck in enumerate(c):
+        C += np.diag(np.full(n - k, ck), -k)
+    if normalize_columns:
+        C = C / np.linalg.norm(C, axis=0)
+    return BandedStrategy(C, name=f"banded(b={bands})")
+
+
+def _sqrt_coefficients(n: int) -> np.ndarray:
+    """Coefficients of (1 − x)^{-1/2}: c_k = binom(2k, k) / 4^k (C·C = prefix sums)."""
+    c = np.ones(n)
+    for k in range(1, n):
+        c[k] = c[k - 1] * (2 * k - 1) / (2 * k)
+    return c
+
+
+def _series_inverse(r: np.ndarray, n: int) -> np.ndarray:
+    """First n coefficients of 1 / r(x) by Newton iteration with FFT products, O(n log n)."""
+    g = np.array([1.0 / r[0]])
+    m = 1
+    while m < n:
+        m = min(2 * m, n)
+        size = 1 << (3 * m - 1).bit_length()
+        R = np.fft.rfft(r[:m], size)
+        G = np.fft.rfft(g, size)
+        rg = np.fft.irfft(R * G, size)[:m]
+        corr = np.fft.irfft(np.fft.rfft(rg, size) * G, size)[:m]
+        g = np.concatenate([g, np.zeros(m - g.size)])
+        g = 2 * g - corr
+    return g[:n]
+
+
+class ToeplitzStrategy(Strategy):
+    """Lower-triangular Toeplitz encoder given by its inverse's coefficients (``M = C⁻¹``).
+
+    Works on coefficient vectors (O(n) memory, FFT arithmetic) so errors and single-participation
+    sensitivity scale past 10,000 steps; dense matrices are built only on request. Streaming costs
+    O(t) noise regenerations at step t (use :func:`blt` for O(1)).
+
+    Args:
+        inverse_coefficients: ``r`` with ``C⁻¹[i, j] = r[i − j]``, ``r[0] > 0``, length n.
+        name: label.
+    """
+
+    kind = "toeplitz"
+
+    def __init__(self, inverse_coefficients, *, name: str = "toeplitz"):
+        r = np.asarray(inverse_coefficients, dtype=float)
+        if r.ndim != 1 or r.size == 0 or not np.all(np.isfinite(r)) or r[0] <= 0:
+            raise ValueError("inverse_coefficients must be a non-empty finite 1-D array with a "
+                             "positive first entry")
+        super().__init__(r.size, name)
+        self.inverse_coefficients = r
+        self.coefficients = _series_inverse(r, r.size)
+
+    @staticmethod
+    def _toeplitz(v):
+        n = v.size
+        idx = np.arange(n)
+        diff = idx[:, None] - idx[None, :]
+        return np.where(diff >= 0, v[np.clip(diff, 0, None)], 0.0)
+
+    def encoder(self):
+        return self._toeplitz(self.coefficients)
+
+    def noise_operator(self):
+        return self._toeplitz(self.inverse_coefficients)
+
+    def sensitivity(self, participation=None):
+        p = _sens._check_participation(participation)
+        if p.kind == "single":  # every column is a prefix of the first one
+            return float(np.linalg.norm(self.coefficients))
+        return super().sensitivity(p)
+
+    def errors(self, workload=None, participation=None):
+        if workload is not None:
+            return super().errors(workload, participation)
+        q = np.cumsum(self.inverse_coefficients)  # A C⁻¹ is Toeplitz with coefficients q
+        s2 = self.sensitivity(participation) ** 2
+        n = self.n
+        return {"max": float(np.sum(q * q)) * s2,
+                "mean": float(np.sum((n - np.arange(n)) * q * q)) / n * s2}
+
+
+def toeplitz_sqrt(n: int) -> ToeplitzStrategy:
+    """The square-root factorisation of prefix sums: ``C = A^{1/2}`` (Toeplitz, ``C·C = A``).
+
+    ``C⁻¹`` has the coefficients of (1 − x)^{1/2}. Near-optimal for single participation
+    (Fichtenberger, Henzinger, Upadhyay, ICML 2023; Henzinger et al., SODA 2024).
+
+    Raises:
+        TypeError, ValueError: ``n`` is not a positive integer.
+    """
+    n = _validate.positive_int("n", n)
+    r = np.ones(n)
+    for k in range(1, n):
+        r[k] = r[k - 1] * (k - 1.5) / k
+    return ToeplitzStrategy(r, name="toeplitz-sqrt")
+
+
+class BLTStrategy(ToeplitzStrategy):
+    """Buffered linear Toeplitz ``C⁻¹``: r_0 = 1, r_m = Σ_j ω_j θ_j^{m−1} (m >= 1).
+
+    Streams ``(C⁻¹ z)_t = z_t + Σ_j ω_j s_j`` with d buffers ``s_j ← θ_j s_j + z_t``
+    (Dvijotham, McMahan, Pillutla, Steinke, Thakurta, "Efficient and Near-Optimal Noise
+    Generation for Streaming Differential Privacy", FOCS 2024; McKenna, "Scaling up the Banded
+    Matrix Factorization Mechanism", 2024).
+
+    Args:
+        n: steps.
+        theta: buffer decays, each in (0, 1).
+        omega: buffer output weights.
+    """
+
+    kind = "blt"
+
+    def __init__(self, n: int, theta, omega, *, name: str = "blt"):
+        n = _validate.positive_int("n", n)
+        theta = np.asarray(theta, float).ravel()
+        omega = np.asarray(omega, float).ravel()
+        if theta.shape != omega.shape or theta.size == 0:
+            raise ValueError("theta and omega must be non-empty and of equal length; got "
+                             f"{theta.size} and {omega.size}")
+        if not (np.all(theta > 0) and np.all(theta < 1)):
+            raise ValueError(f"theta must lie in (0, 1); got {theta.tolist()}")
+        if not np.all(np.isfinite(omega)):
+            raise ValueError("omega must be finite")
+        self.theta, self.omega = theta, omega
+        super().__init__(_blt_coefficients(theta, omega, n), name=name)
+
+
+def _blt_coefficients(theta, omega, n):
+    m = np.arange(n - 1, dtype=float)
+    r = np.empty(n)
+    r[0] = 1.0
+    r[1:] = (omega[None, :] * theta[None, :] ** m[:, None]).sum(axis=1)
+    return r
+
+
+def _blt_objective(params, n, d):
+    theta = 1.0 / (1.0 + np.exp(-np.clip(params[:d], -40, 40)))
+    r = _blt_coefficients(theta, params[d:], n)
+    with np.errstate(all="ignore"):  # unstable candidates overflow; they score +inf below
+        c = _series_inverse(r, n)
+    q = np.cumsum(r)
+    val = float(c @ c) * float(np.sum((n - np.arange(n)) * q * q))
+    return val if np.isfinite(val) else 1e300
+
+
+def blt(n: int, buffers: int = 4, *, maxiter: int = 200) -> BLTStrategy:
+    """A BLT strategy with ``buffers`` buffers optimised for prefix sums (single participation).
+
+    Minimises ``‖c‖²·Σ_k (n − k) q_k²`` (sensitivity² × total squared error, q = cumsum(r)) over
+    (θ, ω) with L-BFGS from a geometric spread of decays — FFT arithmetic, O(n log n) per
+    evaluation, so it runs past 10,000 steps.
+
+    Raises:
+        TypeError, ValueError: bad arguments.
+    """
+    n = _validate.positive_int("n", n)
+    d = _validate.positive_int("buffers", buffers)
+    maxiter = _validate.positive_int("maxiter", maxiter)
+    # Start from a least-squares BLT fit to the square-root factorisation's C⁻¹ (whose
+    # coefficients decay like k^{-3/2}) with decays spread geometrically over time scales.
+    theta0 = 1.0 - np.geomspace(0.5, 1.0 / n, d)
+    target = toeplitz_sqrt(n).inverse_coefficients[1:]
+    basis = theta0[None, :] ** np.arange(n - 1, dtype=float)[:, None]
+    omega0 = np.linalg.lstsq(basis, target, rcond=None)[0]
+    x0 = np.concatenate([np.log(theta0 / (1 - theta0)), omega0])
+    res = optimize.minimize(_blt_objective, x0, args=(n, d), method="L-BFGS-B",
+                            options={"maxiter": maxiter})
+    x = res.x if res.fun <= _blt_objective(x0, n, d) else x0
+    theta = 1.0 / (1.0 + np.exp(-np.clip(x[:d], -40, 40)))
+    return BLTStrategy(n, theta, x[d:], name=f"blt(d={d})")
+
+
+class TreeStrategy(Strategy):
+    """Binary-tree aggregation: one noisy node per dyadic interval completed within n steps.
+
+    Node (level ℓ, index i) covers steps [i·2^ℓ, (i+1)·2^ℓ − 1] and is released at its last step.
+    The causal decoder estimates the prefix [0, t] from the maximal completed nodes (binary
+    decomposition of t+1); with ``honaker=True`` each such node's value is first replaced by
+    the minimum-variance unbiased estimate from its whole (completed) subtree, computed bottom-up
+    by inverse-variance weighting (Honaker, "Efficient Use of Differentially Private Binary
+    Trees", 2015; Kairouz et al., ICML 2021, Appendix). Streams with O(log n) node estimates.
+
+    Args:
+        n: steps.
+        honaker: use Honaker's variance reduction.
+    """
+
+    kind = "tree"
+
+    def __init__(self, n: int, *, honaker: bool = False):
+        if not isinstance(honaker, bool):
+            raise TypeError(f"honaker must be a bool; got {honaker!r}")
+        super().__init__(n, "tree-honaker" if honaker else "tree")
+        self.honaker = honaker
+        self.levels = int(math.floor(math.log2(self.n))) + 1
+        # nodes ordered by release step, then level: id = step·levels + level
+        nodes = []
+        for t in range(self.n):
+            for lvl in range(self.levels):
+                if (t + 1) % (1 << lvl) == 0:
+                    nodes.append((t, lvl))
+        self.nodes = nodes
+        self.node_index = {nd: i for i, nd in enumerate(nodes)}
+
+    def node_key(self, step: int, level: int) -> int:
+        """Counter used to draw node noise: unique per (release step, level)."""
+        return step * self.levels + level
+
+    def encoder(self):
+        C = np.zeros((len(self.nodes), self.n))
+        for row, (t, lvl) in enumerate(self.nodes):
+            C[row, t + 1 - (1 << lvl):t + 1] = 1.0
+        return C
+
+    def merge_weight(self, level: int) -> float:
+        """Weight of a node's own noisy value in Honaker's bottom-up estimate (1 if plain)."""
+        if not self.honaker or level == 0:
+            return 1.0
+        v = self.estimate_variance(level - 1)
+        return 2 * v / (1 + 2 * v)
+
+    def estimate_variance(self, level: int) -> float:
+        """Variance (unit node noise) of a completed node's estimate at ``level``."""
+        v = 1.0
+        if self.honaker:
+            for _ in range(level):
+                v = 2 * v / (1 + 2 * v)
+        return v
+
+    def decoder_prefix(self) -> np.ndarray:
+        """Dense causal decoder for prefix sums, (n × m): row t estimates Σ_{j≤t} x_j."""
+        m = len(self.nodes)
+        B = np.zeros((self.n, m))
+        stack = []  # (level, coefficient vector over nodes)
+        for t in range(self.n):
+            e = np.zeros(m)
+            e[self.node_index[(t, 0)]] = 1.0
+            stack.append((0, e))
+            while len(stack) >= 2 and stack[-1][0] == stack[-2][0]:
+                lvl = stack[-1][0] + 1
+                (_, right), (_, left) = stack.pop(), stack.pop()
+                y = np.zeros(m)
+                y[self.node_index[(t, lvl)]] = 1.0
+                w = self.merge_weight(lvl)
+                stack.append((lvl, w * y + (1 - w) * (left + right)))
+            B[t] = sum(v for _, v in stack)
+        return B
+
+    def noise_operator(self):
+        B = self.decoder_prefix()
+        return np.diff(B, axis=0, prepend=0.0)  # A⁻¹ B for prefix sums: successive differences
+
+
+def binary_tree(n: int, *, honaker: bool = True) -> TreeStrategy:
+    """Binary-tree DP-FTRL strategy (see :class:`TreeStrategy`).
+
+    Raises:
+        TypeError, ValueError: bad arguments.
+    """
+    return TreeStrategy(n, honaker=honaker)
