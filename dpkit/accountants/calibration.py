@@ -1,0 +1,202 @@
+"""Noise calibration: the smallest σ for a target (ε, δ), and the most steps a budget allows.
+
+Both searches use only that ε grows as σ shrinks and as the number of steps grows (true for the
+subsampled Gaussian; Abadi et al. 2016, Mironov et al. 2019) and evaluate the chosen accountant,
+so the answer is exact with respect to that accountant's (upper-bound) ε: the returned σ never
+gives ε above the target. The search is a bracket found by doubling/halving, then bisection
+(as in Opacus' ``get_noise_multiplier`` but returning the upper end, which is always feasible).
+
+Epochs → steps: ``steps = ceil(epochs · N / B)`` and ``q = B / N`` (:func:`epochs_to_steps`).
+dpkit rounds UP (like TF Privacy; Opacus rounds down), so a training run that executes
+``floor`` or ``ceil`` steps is covered by the account.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+from dpkit import _validate as V
+from dpkit.accountants.base import Accountant
+from dpkit.accountants.events import dpsgd_event
+from dpkit.accountants.registry import make_accountant
+from dpkit.errors import CalibrationError
+
+__all__ = ["calibrate_noise_multiplier", "steps_for_budget", "epochs_to_steps"]
+
+DEFAULT_MAX_NOISE_MULTIPLIER = 1e4
+# below this σ the search stops halving: numerical accountants become slow and meaningless there
+_MIN_NOISE_MULTIPLIER = 1e-2
+
+
+def epochs_to_steps(epochs, dataset_size, batch_size) -> tuple[float, int]:
+    """Convert an epochs schedule to DP-SGD's ``(sampling_prob, steps)``.
+
+    Args:
+        epochs: number of passes E > 0 (may be fractional).
+        dataset_size: N ≥ 1 (public; with Poisson sampling the expected batch is q·N).
+        batch_size: expected batch size B, 1 ≤ B ≤ N.
+
+    Returns:
+        ``(B / N, ceil(E · N / B))`` — rounded UP so the account covers the run.
+
+    Raises:
+        ValueError, TypeError: an argument outside its range or of the wrong kind.
+    """
+    epochs = V.positive("epochs", epochs)
+    dataset_size = V.positive_int("dataset_size", dataset_size)
+    batch_size = V.positive_int("batch_size", batch_size)
+    if batch_size > dataset_size:
+        raise ValueError(f"batch_size must be <= dataset_size ({dataset_size}); got {batch_size!r}")
+    q = batch_size / dataset_size
+    # exact rational arithmetic: float division could push an integer count up or down by one
+    steps = math.ceil(Fraction(epochs) * dataset_size / batch_size)
+    return q, max(1, steps)
+
+
+def _accountant_factory(accountant):
+    if isinstance(accountant, Accountant):
+        return accountant._fresh
+    if isinstance(accountant, str):
+        make_accountant(accountant)  # validates the name eagerly
+        return lambda: make_accountant(accountant)
+    raise TypeError(f"accountant must be a registered name or an Accountant; got {accountant!r} "
+                    f"({type(accountant).__name__})")
+
+
+def _resolve_schedule(sampling_prob, steps, epochs, dataset_size, batch_size) -> tuple[float, int]:
+    epoch_form = (epochs, dataset_size, batch_size)
+    if sampling_prob is not None or steps is not None:
+        if any(v is not None for v in epoch_form):
+            raise ValueError("give either sampling_prob and steps, or epochs, dataset_size and "
+                             "batch_size, not both")
+        if sampling_prob is None or steps is None:
+            raise ValueError("sampling_prob and steps must both be given; got "
+                             f"sampling_prob={sampling_prob!r}, steps={steps!r}")
+        return V.probability("sampling_prob", sampling_prob), V.positive_int("steps", steps)
+    if any(v is None for v in epoch_form):
+        raise ValueError("give sampling_prob and steps, or all of epochs, dataset_size and batch_size; "
+                         f"got epochs={epochs!r}, dataset_size={dataset_size!r}, batch_size={batch_size!r}")
+    return epochs_to_steps(epochs, dataset_size, batch_size)
+
+
+def calibrate_noise_multiplier(target_epsilon, target_delta, sampling_prob=None, steps=None, *,
+                               epochs=None, dataset_size=None, batch_size=None, accountant="pld",
+                               max_noise_multiplier=DEFAULT_MAX_NOISE_MULTIPLIER, rtol=1e-3) -> float:
+    """The smallest DP-SGD noise multiplier σ (within ``rtol``) with ε(σ) ≤ ``target_epsilon``.
+
+    The schedule is ``sampling_prob`` + ``steps``, or ``epochs`` + ``dataset_size`` +
+    ``batch_size`` (converted by :func:`epochs_to_steps`, steps rounded up).
+
+    Guarantees (w.r.t. the chosen accountant, assuming ε decreases in σ): ε(σ) ≤ target (never
+    overshoots) and ε(σ·(1 − rtol)) > target; the search always terminates (≤ ~60 evaluations).
+    If even σ = 0.01 meets the target, 0.01 is returned (smaller σ are not searched).
+
+    Args:
+        target_epsilon: ε > 0.
+        target_delta: δ in (0, 1).
+        sampling_prob: Poisson rate q in (0, 1].
+        steps: number of DP-SGD steps T ≥ 1.
+        epochs, dataset_size, batch_size: the alternative schedule (all three together).
+        accountant: registered name (default ``"pld"``) or an Accountant whose configuration
+            is reused (its ledger is ignored).
+        max_noise_multiplier: the largest σ searched.
+        rtol: relative width of the final bracket, in (0, 1).
+
+    Returns:
+        σ (float).
+
+    Raises:
+        CalibrationError: the target is not reachable with σ ≤ ``max_noise_multiplier``
+            (a ``ValueError``).
+        ValueError, TypeError: an invalid argument or a mixed/incomplete schedule.
+    """
+    target_epsilon = V.positive("target_epsilon", target_epsilon)
+    target_delta = V.delta("target_delta", target_delta)
+    q, steps = _resolve_schedule(sampling_prob, steps, epochs, dataset_size, batch_size)
+    max_sigma = V.positive("max_noise_multiplier", max_noise_multiplier)
+    rtol = V.probability("rtol", rtol, allow_one=False)
+    fresh = _accountant_factory(accountant)
+
+    def eps(sigma: float) -> float:
+        return fresh().compose(dpsgd_event(sigma, q, steps)).epsilon(target_delta)
+
+    def feasible(sigma: float) -> bool:
+        return eps(sigma) <= target_epsilon
+
+    hi = min(1.0, max_sigma)
+    if feasible(hi):
+        lo = hi / 2
+        while feasible(lo):
+            if lo <= _MIN_NOISE_MULTIPLIER:
+                return lo
+            hi, lo = lo, lo / 2
+    else:
+        while True:
+            if hi >= max_sigma:
+                raise CalibrationError(
+                    f"target_epsilon={target_epsilon} at target_delta={target_delta} is not reachable "
+                    f"with noise_multiplier <= max_noise_multiplier={max_sigma} (q={q}, steps={steps}, "
+                    f"ε there = {eps(max_sigma):.4g}); raise the target, lower sampling_prob/steps, or "
+                    "raise max_noise_multiplier")
+            lo, hi = hi, min(2 * hi, max_sigma)
+            if feasible(hi):
+                break
+    # invariant: eps(lo) > target >= eps(hi)
+    while hi - lo > rtol * hi:
+        mid = 0.5 * (lo + hi)
+        if feasible(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def steps_for_budget(target_epsilon, target_delta, noise_multiplier, sampling_prob, *,
+                     accountant="pld", max_steps=10**7) -> int:
+    """The largest number of DP-SGD steps T with ε(T) ≤ ``target_epsilon`` (0 if none).
+
+    Doubling then integer bisection on T (ε is non-decreasing in T), so the answer is exact with
+    respect to the accountant.
+
+    Args:
+        target_epsilon: ε > 0.
+        target_delta: δ in (0, 1).
+        noise_multiplier: σ ≥ 0 (0 gives 0 steps: nothing non-private fits a finite budget).
+        sampling_prob: Poisson rate q in (0, 1].
+        accountant: registered name or an Accountant (configuration reused).
+        max_steps: the search cap; returned when even that many steps fit the budget.
+
+    Returns:
+        T, 0 ≤ T ≤ ``max_steps``.
+
+    Raises:
+        ValueError, TypeError: an invalid argument.
+    """
+    target_epsilon = V.positive("target_epsilon", target_epsilon)
+    target_delta = V.delta("target_delta", target_delta)
+    sigma = V.non_negative("noise_multiplier", noise_multiplier)
+    q = V.probability("sampling_prob", sampling_prob)
+    max_steps = V.positive_int("max_steps", max_steps)
+    fresh = _accountant_factory(accountant)
+
+    def fits(t: int) -> bool:
+        return fresh().compose(dpsgd_event(sigma, q, t)).epsilon(target_delta) <= target_epsilon
+
+    if not fits(1):
+        return 0
+    lo, hi = 1, 2
+    while hi <= max_steps and fits(hi):
+        lo, hi = hi, 2 * hi
+    if hi > max_steps:
+        if fits(max_steps):
+            return max_steps
+        hi = max_steps
+    # invariant: fits(lo) and not fits(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
