@@ -91,8 +91,9 @@ class IterationAccountant:
         c2, k = self.contraction ** 2, self.steps
         if c2 == 1.0:
             return 1.0 / k
-        # c^(2(k-1)) * (1 - c^2) / (1 - c^(2k)), written to stay finite for large k
-        return (1.0 - c2) / (c2 ** (1 - k) - c2)
+        # c^(2(k-1)) (1 - c^2) / (1 - c^(2k)) with e = c^(2(k-1)) computed without overflow
+        e = math.exp((k - 1) * math.log(c2))
+        return (1.0 - c2) * e / (1.0 - c2 * e)
 
     def rdp(self) -> np.ndarray:
         """Return the RDP epsilons at ``self.orders`` (one per order).
