@@ -22,7 +22,9 @@ __version__ = "0.1.0"
 _LAZY = {
     "make_private": "dpkit.privacy_engine",
     "DPOptimizer": "dpkit.optim",
-    "PoissonDataLoader": "dpkit.data",
+    "DPDataLoader": "dpkit.data",
+    "PoissonBatchSampler": "dpkit.data",
+    "GradientEngine": "dpkit.grad_sample",
     "replace_batchnorm": "dpkit.grad_sample",
 }
 _SUBPACKAGES = {"accountants", "audit", "mechanisms", "grad_sample", "optim", "data",

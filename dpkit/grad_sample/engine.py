@@ -98,7 +98,9 @@ class GradientEngine:
                     check_rnn(name, module)
                 rule = rule_for(module) or FunctorchFallback()
                 self._owners.append((name, module, rule))
-        self._records: dict[nn.Module, list] = defaultdict(list)
+        # forward-pass generation -> module -> list of (captured, output grads), one per use
+        self._records: dict[int, dict[nn.Module, list]] = defaultdict(lambda: defaultdict(list))
+        self._generation = 0
         self._handles = []
         self._silenced = False
         self.summed_grads: dict[int, torch.Tensor] = {}
@@ -128,9 +130,14 @@ class GradientEngine:
         return self.model.training and torch.is_grad_enabled() and not self._silenced
 
     def _before_model_forward(self, module, args):
-        # a new forward pass: clip what the previous backward left (gradient accumulation)
-        if self._capturing() and self._ready():
-            self.accumulate()
+        # a new forward pass is a new set of examples: never merge its records with earlier ones;
+        # clip the finished ones now so that their activations are freed (gradient accumulation)
+        if self._capturing():
+            done = [gen for gen, recs in self._records.items()
+                    if any(g is not None for uses in recs.values() for _, grads in uses for g in grads)]
+            for gen in sorted(done):
+                self._accumulate_generation(self._records.pop(gen))
+            self._generation += 1
 
     def _forward_hook(self, module, rule):
         def hook(mod, args, kwargs, output):
@@ -143,7 +150,7 @@ class GradientEngine:
             leaves, _ = tree_flatten(output)
             leaves = [t if isinstance(t, torch.Tensor) else None for t in leaves]
             record = (captured, [None] * len(leaves))
-            self._records[mod].append(record)
+            self._records[self._generation][mod].append(record)
             for i, t in enumerate(leaves):
                 if t is not None and t.requires_grad:
                     t.register_hook(self._grad_hook(record, i))
@@ -156,22 +163,29 @@ class GradientEngine:
             slot[index] = grad.detach() if slot[index] is None else slot[index] + grad.detach()
         return hook
 
-    def _ready(self) -> bool:
-        return any(any(g is not None for g in grads) for recs in self._records.values() for _, grads in recs)
-
     # ------------------------------------------------------------- clipping
     def accumulate(self) -> int:
-        """Clip the per-example gradients of the last backward pass and add their sum.
+        """Clip the per-example gradients captured since the last call and add their sum.
 
+        Each forward pass of the model is a separate set of examples (gradient accumulation);
+        several uses of a layer within one forward pass belong to the same examples.
         Returns the number of examples processed (0 for an empty batch or nothing captured).
         """
+        generations = sorted(self._records)
+        records = [self._records.pop(gen) for gen in generations]
+        return sum(self._accumulate_generation(r) for r in records)
+
+    def _accumulate_generation(self, records) -> int:
         contributions: dict[int, list] = defaultdict(list)
         batch_size = None
         for name, module, rule in self._owners:
-            for captured, grads in self._records.pop(module, []):
+            for captured, grads in records.get(module, []):
                 if all(g is None for g in grads):
                     continue  # output did not reach the loss: zero gradient for these uses
                 B = self._batch_size(module, rule, grads)
+                if B == 0:
+                    batch_size = 0
+                    continue  # empty Poisson batch: nothing to clip (noise is still added)
                 if batch_size is None:
                     batch_size = B
                 elif B != batch_size:
@@ -181,7 +195,6 @@ class GradientEngine:
                 scale = B if self.loss_reduction == "mean" else 1
                 for p, contrib in self._contributions(name, module, rule, captured, grads, scale):
                     contributions[id(p)].append(contrib)
-        self._records.clear()
         if batch_size is None or batch_size == 0:
             return 0
         merged = {pid: combine(parts) for pid, parts in contributions.items()}

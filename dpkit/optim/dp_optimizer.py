@@ -1,0 +1,206 @@
+"""DPOptimizer: DP-SGD around ANY torch optimizer.
+
+One logical step (Abadi et al., CCS 2016, Alg. 1, with Poisson sampling):
+
+    ḡ = ( Σ_i c_i g_i  +  σ·C·z_t ) / B̄        then   base_optimizer.step() on ḡ
+
+where c_i are the clip factors of the gradient engine, z_t the standardised noise of the noise
+mechanism (i.i.d. N(0, I) for DP-SGD), σ the noise multiplier, C the clip norm and B̄ the PUBLIC
+expected batch size (never the realised one). After the base step the step's DP event is composed
+into the accountant, so the ledger always describes the steps that actually ran.
+
+The wrapper shares ``param_groups``, ``state`` and ``defaults`` with the base optimizer, so
+learning-rate schedulers and hooks act on both.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dpkit import _validate
+from dpkit.errors import PrivacyBudgetExceeded
+from dpkit.grad_sample.engine import GradientEngine
+from dpkit.mechanisms.noise import GaussianNoise, NoiseMechanism
+
+
+class DPOptimizer(torch.optim.Optimizer):
+    """Differentially private wrapper of a torch optimizer.
+
+    Args:
+        optimizer: the base ``torch.optim.Optimizer`` (SGD, Adam, AdamW, RMSprop, ...).
+        engine: the :class:`dpkit.grad_sample.GradientEngine` attached to the model (it owns the
+            clip norm and clipping style).
+        noise_multiplier: σ ≥ 0; the noise std is σ·C on the clipped sum.
+        expected_batch_size: public normaliser B̄ > 0 (e.g. sampling_rate × dataset size, as
+            declared by the user, not counted from the data).
+        step_event: the ``dp_accounting`` DpEvent of ONE logical step (built from the sampler's
+            settings by :func:`dpkit.make_private`), or None to skip accounting.
+        accountant: a :class:`dpkit.accountants.Accountant` instance receiving ``step_event`` after
+            every logical step (or None).
+        noise: a :class:`dpkit.mechanisms.noise.NoiseMechanism`; default i.i.d. Gaussian from
+            ``generator`` (or OS entropy with ``secure_mode``).
+        generator: ``torch.Generator`` for the default noise (reproducible runs).
+        secure_mode: draw the default noise from OS entropy (see :class:`GaussianNoise`).
+
+    Raises:
+        TypeError/ValueError: naming the bad argument; optimizer parameters that are not trainable
+            parameters of the engine's model are refused (they would escape clipping).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, engine: GradientEngine,
+                 noise_multiplier: float, expected_batch_size: float, step_event=None,
+                 accountant=None, noise: NoiseMechanism | None = None,
+                 generator: torch.Generator | None = None, secure_mode: bool = False):
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer; got {type(optimizer).__name__}")
+        if isinstance(optimizer, DPOptimizer):
+            raise TypeError("optimizer is already a DPOptimizer; wrap the base optimizer once")
+        if not isinstance(engine, GradientEngine):
+            raise TypeError(f"engine must be a dpkit GradientEngine; got {type(engine).__name__}")
+        self.noise_multiplier = _validate.non_negative("noise_multiplier", noise_multiplier)
+        self.expected_batch_size = _validate.positive("expected_batch_size", expected_batch_size)
+        if noise is None:
+            noise = GaussianNoise(generator, secure_mode=secure_mode)
+        elif not isinstance(noise, NoiseMechanism):
+            raise TypeError(f"noise must be a dpkit NoiseMechanism; got {type(noise).__name__}")
+        self.original_optimizer = optimizer
+        self.engine = engine
+        self.noise = noise
+        self.step_event = step_event
+        self.accountant = accountant
+        self.steps = 0
+        self.max_steps: int | None = None  # set when σ was calibrated for a planned run
+        self.target: tuple[float, float] | None = None
+        self._skip_next_step = False
+        self._mid_logical_batch = False
+        self._check_parameters()
+        # torch.optim.Optimizer bookkeeping (hooks, profiling), then share the base's state
+        super().__init__(optimizer.param_groups, optimizer.defaults)
+        self.param_groups = optimizer.param_groups
+        self.state = optimizer.state
+        self.defaults = optimizer.defaults
+
+    def _check_parameters(self) -> None:
+        model_params = {id(p) for p in self.engine.params}
+        for group in self.original_optimizer.param_groups:
+            for p in group["params"]:
+                if p.requires_grad and id(p) not in model_params:
+                    raise ValueError(
+                        "optimizer holds a trainable parameter of shape "
+                        f"{tuple(p.shape)} that is not a trainable parameter of the model passed to "
+                        "dpkit; its gradient would escape per-example clipping. Build the optimizer "
+                        "from model.parameters() of the same model.")
+
+    @property
+    def max_grad_norm(self) -> float:
+        return self.engine.max_grad_norm
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+
+    # ----------------------------------------------------------------- step
+    def signal_skip_step(self, do_skip: bool = True) -> None:
+        """Make the next ``step()`` only accumulate (virtual batches: a non-final physical chunk)."""
+        self._skip_next_step = bool(do_skip)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Clip the pending per-example gradients, add noise once per logical step, step the base.
+
+        If the data loader signalled that the current physical batch is not the last of its logical
+        batch, only accumulates (no noise, no base step, no accounting).
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.engine.accumulate()
+        if self._skip_next_step:
+            self._skip_next_step = False
+            self._mid_logical_batch = True
+            return loss
+        if self.max_steps is not None and self.steps >= self.max_steps:
+            raise PrivacyBudgetExceeded(
+                f"noise_multiplier was calibrated for {self.max_steps} steps to reach ε={self.target[0]} at "
+                f"δ={self.target[1]}; step {self.steps + 1} would exceed that budget. Plan a longer run "
+                "(epochs=/steps=) when calling make_private.")
+        self._mid_logical_batch = False
+        self._check_all_gradients_seen()
+        params = self.params
+        noise = self.noise.sample(self.steps, params) if self.noise_multiplier > 0 else None
+        std = self.noise_multiplier * self.max_grad_norm
+        for i, p in enumerate(params):
+            grad = self.engine.clipped_sum(p)
+            if noise is not None:
+                grad = grad + std * noise[i]
+            p.grad = grad / self.expected_batch_size
+        self.original_optimizer.step()
+        self.engine.reset()
+        if self.accountant is not None and self.step_event is not None:
+            self.accountant.compose(self.step_event)
+        self.steps += 1
+        return loss
+
+    def _check_all_gradients_seen(self) -> None:
+        """A parameter with an autograd gradient but no per-example contribution was used outside
+        the engine's hooks: refuse rather than train it without clipping."""
+        for p in self.params:
+            if p.grad is not None and id(p) not in self.engine.summed_grads and \
+                    self.engine.examples_seen > 0 and bool(p.grad.ne(0).any()):
+                raise RuntimeError(
+                    f"parameter {self.engine.parameter_name(p)!r} received a gradient that dpkit's hooks "
+                    "did not see (was the module called outside the model given to make_private, or in "
+                    "eval mode?). Its update cannot be clipped per example.")
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear gradients; accumulated clipped sums survive inside a logical batch."""
+        self.original_optimizer.zero_grad(set_to_none=set_to_none)
+        if not self._mid_logical_batch:
+            self.engine.reset()
+
+    # ------------------------------------------------------------ accounting
+    def epsilon(self, delta: float) -> float:
+        """ε spent so far at ``delta`` (from the accountant's ledger)."""
+        if self.accountant is None:
+            raise RuntimeError("this DPOptimizer has no accountant; pass accountant= to track ε")
+        return self.accountant.epsilon(_validate.delta("delta", delta))
+
+    # ---------------------------------------------------------- checkpoints
+    def state_dict(self):
+        """Base optimizer state plus dpkit's: step count, accountant ledger, noise RNG state."""
+        state = self.original_optimizer.state_dict()
+        state["dpkit"] = {
+            "steps": self.steps,
+            "max_steps": self.max_steps,
+            "noise": self.noise.state_dict(),
+            "accountant": self.accountant.state_dict() if self.accountant is not None else None,
+            "noise_multiplier": self.noise_multiplier,
+            "max_grad_norm": self.max_grad_norm,
+            "expected_batch_size": self.expected_batch_size,
+        }
+        return state
+
+    def load_state_dict(self, state_dict) -> None:
+        state_dict = dict(state_dict)
+        dp_state = state_dict.pop("dpkit", None)
+        if dp_state is None:
+            raise ValueError("state_dict has no 'dpkit' entry: it was not saved by a DPOptimizer, so the "
+                             "privacy ledger cannot be restored")
+        for key in ("noise_multiplier", "max_grad_norm", "expected_batch_size"):
+            if abs(dp_state[key] - getattr(self, key)) > 1e-12 * max(1.0, abs(dp_state[key])):
+                raise ValueError(f"checkpoint was trained with {key}={dp_state[key]}; this optimizer "
+                                 f"has {getattr(self, key)}. Build it with the same settings.")
+        self.original_optimizer.load_state_dict(state_dict)
+        self.param_groups = self.original_optimizer.param_groups
+        self.state = self.original_optimizer.state
+        self.steps = dp_state["steps"]
+        self.max_steps = dp_state.get("max_steps", self.max_steps)
+        self.noise.load_state_dict(dp_state["noise"])
+        if self.accountant is not None and dp_state["accountant"] is not None:
+            self.accountant.load_state_dict(dp_state["accountant"])
+
+    def __repr__(self):
+        return (f"DPOptimizer(noise_multiplier={self.noise_multiplier}, max_grad_norm={self.max_grad_norm}, "
+                f"expected_batch_size={self.expected_batch_size}, base={self.original_optimizer!r})")
+

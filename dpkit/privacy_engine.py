@@ -1,0 +1,210 @@
+"""``make_private``: turn a model, an optimizer and a data loader into a DP-SGD training setup.
+
+The sampler that feeds training, the DP event given to the accountant and the public normaliser
+are all derived HERE from the same settings, so they cannot disagree:
+
+* Poisson sampling (default): q = B / N with B the loader's batch size (public, user-declared)
+  and N = len(dataset); event ``dpsgd_event(σ, q)`` per step, add/remove adjacency.
+* Fixed-size sampling without replacement (``poisson_sampling=False``): event
+  ``fixed_size_event(σ, B, N)`` per step, replace-one adjacency (RDP accountant).
+
+With a target ε, σ is calibrated for steps = epochs × ceil(N / B) (rounded UP, so the account
+covers the whole run; Opacus rounds down) or for the given ``steps``; the optimizer then refuses
+to run more steps than were calibrated (:class:`dpkit.PrivacyBudgetExceeded`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+from dpkit import _validate
+from dpkit.accountants import (
+    Accountant,
+    calibrate_noise_multiplier,
+    dpsgd_event,
+    fixed_size_event,
+    make_accountant,
+)
+from dpkit.data import DPDataLoader, FixedSizeBatchSampler, PoissonBatchSampler
+from dpkit.errors import PrivacyBudgetExceeded
+from dpkit.grad_sample.engine import GradientEngine
+from dpkit.mechanisms.noise import NoiseMechanism
+from dpkit.optim.dp_optimizer import DPOptimizer
+
+
+def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader: DataLoader | None, *,
+                 max_grad_norm: float, noise_multiplier: float | None = None,
+                 target_epsilon: float | None = None, target_delta: float | None = None,
+                 epochs: float | None = None, steps: int | None = None, accountant="pld",
+                 poisson_sampling: bool = True, clipping: str = "bk", clip_scope: str = "flat",
+                 clip_function: str = "standard", loss_reduction: str = "mean",
+                 max_physical_batch_size: int | None = None, sample_rate: float | None = None,
+                 expected_batch_size: float | None = None, noise: NoiseMechanism | None = None,
+                 secure_mode: bool = False, generator: torch.Generator | None = None):
+    """Make ``model``/``optimizer``/``data_loader`` train with DP-SGD and track ε.
+
+    Args:
+        model: the model (kept as is — no wrapper, so its ``state_dict`` keys do not change);
+            per-example hooks are attached to it.
+        optimizer: any ``torch.optim.Optimizer`` over ``model.parameters()``.
+        data_loader: a ``DataLoader`` over a map-style dataset whose ``batch_size`` is the expected
+            batch size B; it is replaced by a DP sampler over the same dataset (its own shuffling
+            is not used). ``None``: give ``sample_rate`` and ``expected_batch_size`` and sample
+            yourself — the accounting assumes Poisson sampling at that rate.
+        max_grad_norm: clip norm C > 0.
+        noise_multiplier: σ ≥ 0 (noise std / C). Exactly one of ``noise_multiplier`` and
+            ``target_epsilon``.
+        target_epsilon, target_delta: calibrate σ so the planned run has ε ≤ target at δ.
+        epochs, steps: length of the planned run (one of them, required with a target ε).
+        accountant: registered name (``"pld"``, ``"rdp"``, ``"prv"``, ``"gdp"``) or an Accountant.
+            Fixed-size sampling is accounted by ``"rdp"`` under replace-one adjacency only.
+        poisson_sampling: Poisson (True) or fixed-size without replacement (False).
+        clipping: gradient engine, ``"bk"`` (book-keeping, default) or ``"per_sample"``.
+        clip_scope: ``"flat"`` or ``"per_layer"``. clip_function: ``"standard"`` or ``"automatic"``.
+        loss_reduction: ``"mean"`` (loss averaged over the batch) or ``"sum"``.
+        max_physical_batch_size: split logical batches into chunks of at most this size (memory);
+            noise is still added once per logical step.
+        sample_rate, expected_batch_size: only with ``data_loader=None``.
+        noise: a custom :class:`~dpkit.mechanisms.noise.NoiseMechanism` (e.g. correlated noise);
+            the accountant must then be one that accounts it.
+        secure_mode: noise from OS entropy (see :class:`~dpkit.mechanisms.noise.GaussianNoise`).
+        generator: ``torch.Generator`` for noise (and sampling, via a derived generator).
+
+    Returns:
+        ``(model, dp_optimizer, dp_data_loader)`` (``dp_data_loader`` is None if none was given).
+
+    Raises:
+        ValueError/TypeError: a bad or contradictory argument, named.
+        UnsupportedModuleError: a layer that mixes examples (BatchNorm).
+        CalibrationError: the target ε is unreachable.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer; got {type(optimizer).__name__}")
+    if not isinstance(poisson_sampling, bool):
+        raise TypeError(f"poisson_sampling must be a bool; got {poisson_sampling!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None; got {type(generator).__name__}")
+    max_grad_norm = _validate.positive("max_grad_norm", max_grad_norm)
+
+    dataset_size, batch_size, q = _sampling(data_loader, sample_rate, expected_batch_size)
+    if not poisson_sampling and data_loader is None:
+        raise ValueError("poisson_sampling=False needs a data_loader (dpkit must own the sampler)")
+    if not poisson_sampling and not float(batch_size).is_integer():
+        raise ValueError(f"fixed-size sampling needs an integer batch size; got {batch_size}")
+    accountant = _accountant(accountant, poisson_sampling)
+
+    planned_steps = _planned_steps(epochs, steps, dataset_size, batch_size, data_loader)
+    if (noise_multiplier is None) == (target_epsilon is None):
+        raise ValueError("give exactly one of noise_multiplier and target_epsilon; got "
+                         f"noise_multiplier={noise_multiplier!r}, target_epsilon={target_epsilon!r}")
+    if target_epsilon is not None:
+        if target_delta is None:
+            raise ValueError("target_delta must be given with target_epsilon (e.g. 1e-5, below 1/N)")
+        if planned_steps is None:
+            raise ValueError("a target_epsilon needs the length of the run: give epochs= or steps=")
+        if not poisson_sampling:
+            raise ValueError("target_epsilon calibration is available for Poisson sampling only; "
+                             "give noise_multiplier with poisson_sampling=False")
+        noise_multiplier = calibrate_noise_multiplier(target_epsilon, target_delta, q, planned_steps,
+                                                      accountant=accountant)
+    noise_multiplier = _validate.non_negative("noise_multiplier", noise_multiplier)
+
+    if poisson_sampling:
+        step_event = dpsgd_event(noise_multiplier, q, 1)
+    else:
+        step_event = fixed_size_event(noise_multiplier, int(batch_size), dataset_size, 1)
+    if not accountant.supports(step_event):
+        raise ValueError(f"accountant {accountant.name!r} cannot account this run's steps "
+                         f"({type(step_event).__name__}); choose another accountant")
+
+    engine = GradientEngine(model, max_grad_norm=max_grad_norm, mode=clipping, clip_scope=clip_scope,
+                            clip_function=clip_function, loss_reduction=loss_reduction)
+    dp_optimizer = DPOptimizer(optimizer, engine=engine, noise_multiplier=noise_multiplier,
+                               expected_batch_size=batch_size, step_event=step_event,
+                               accountant=accountant, noise=noise, generator=generator,
+                               secure_mode=secure_mode)
+    if target_epsilon is not None:
+        dp_optimizer.max_steps = planned_steps
+        dp_optimizer.target = (target_epsilon, target_delta)
+
+    dp_loader = None
+    if data_loader is not None:
+        sampler_generator = None
+        if generator is not None:  # sampling and noise must not share one stream
+            sampler_generator = torch.Generator().manual_seed(
+                int(torch.randint(0, 2**62, (1,), generator=generator)))
+        if poisson_sampling:
+            batch_sampler = PoissonBatchSampler(dataset_size, q, generator=sampler_generator)
+        else:
+            batch_sampler = FixedSizeBatchSampler(dataset_size, int(batch_size), generator=sampler_generator)
+        dp_loader = DPDataLoader(data_loader.dataset, batch_sampler,
+                                 max_physical_batch_size=max_physical_batch_size,
+                                 collate_fn=data_loader.collate_fn, num_workers=data_loader.num_workers,
+                                 pin_memory=data_loader.pin_memory)
+        dp_loader.attach_optimizer(dp_optimizer)
+    return model, dp_optimizer, dp_loader
+
+
+def _sampling(data_loader, sample_rate, expected_batch_size):
+    """(dataset size or None, public expected batch size, sampling rate)."""
+    if data_loader is None:
+        if sample_rate is None or expected_batch_size is None:
+            raise ValueError("with data_loader=None, sample_rate and expected_batch_size are required "
+                             f"(got sample_rate={sample_rate!r}, expected_batch_size={expected_batch_size!r})")
+        q = _validate.probability("sample_rate", sample_rate)
+        return None, _validate.positive("expected_batch_size", expected_batch_size), q
+    if not isinstance(data_loader, DataLoader):
+        raise TypeError(f"data_loader must be a torch DataLoader or None; got {type(data_loader).__name__}")
+    if sample_rate is not None or expected_batch_size is not None:
+        raise ValueError("sample_rate and expected_batch_size are derived from data_loader; "
+                         "give them only with data_loader=None")
+    try:
+        n = len(data_loader.dataset)
+    except TypeError:
+        raise TypeError("data_loader.dataset must be a map-style dataset with a length "
+                        "(an IterableDataset cannot be Poisson-sampled)") from None
+    if data_loader.batch_size is None:
+        raise ValueError("data_loader must have a batch_size (it is the expected batch size B); "
+                         "it was built with a custom batch_sampler")
+    n = _validate.positive_int("len(data_loader.dataset)", n)
+    b = _validate.positive_int("data_loader.batch_size", data_loader.batch_size)
+    if b > n:
+        raise ValueError(f"data_loader.batch_size must be <= the dataset size {n}; got {b}")
+    return n, float(b), b / n
+
+
+def _accountant(accountant, poisson_sampling) -> Accountant:
+    if isinstance(accountant, Accountant):
+        if accountant.ledger:
+            raise ValueError("accountant must be fresh (empty ledger); pass a new one or a name")
+        return accountant
+    if not isinstance(accountant, str):
+        raise TypeError(f"accountant must be a name or an Accountant; got {type(accountant).__name__}")
+    if poisson_sampling:
+        return make_accountant(accountant)
+    if accountant not in ("rdp", "pld"):
+        raise ValueError("fixed-size sampling (poisson_sampling=False) is accounted by the 'rdp' "
+                         f"accountant under replace-one adjacency; got accountant={accountant!r}")
+    return make_accountant("rdp", neighboring_relation="replace_one")
+
+
+def _planned_steps(epochs, steps, dataset_size, batch_size, data_loader):
+    if epochs is not None and steps is not None:
+        raise ValueError(f"give epochs or steps, not both; got epochs={epochs!r}, steps={steps!r}")
+    if steps is not None:
+        return _validate.positive_int("steps", steps)
+    if epochs is None:
+        return None
+    epochs = _validate.positive("epochs", epochs)
+    if data_loader is None:
+        raise ValueError("epochs needs a data_loader (to know the dataset size); give steps= instead")
+    return math.ceil(epochs * math.ceil(dataset_size / batch_size))
+
+
+__all__ = ["make_private", "PrivacyBudgetExceeded"]
