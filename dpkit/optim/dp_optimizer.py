@@ -73,6 +73,7 @@ class DPOptimizer(torch.optim.Optimizer):
         self.target: tuple[float, float] | None = None
         self._skip_next_step = False
         self._mid_logical_batch = False
+        self._contribution_hooks: list = []
         self._check_parameters()
         # torch.optim.Optimizer bookkeeping (hooks, profiling), then share the base's state
         super().__init__(optimizer.param_groups, optimizer.defaults)
@@ -100,6 +101,25 @@ class DPOptimizer(torch.optim.Optimizer):
         return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
 
     # ----------------------------------------------------------------- step
+    def register_contribution_hook(self, hook):
+        """Add ``hook(step, params) -> list[Tensor] | None`` to the clipped sum of every logical step.
+
+        Used to insert audit canaries (e.g. :mod:`dpkit.audit.canaries`): the returned tensors
+        (one per parameter, same shapes) are added to Σ_i c_i g_i BEFORE noise and normalisation,
+        exactly like extra clipped examples. The hook is responsible for bounding each canary's
+        contribution by the clip norm. Returns a handle with ``remove()``.
+        """
+        if not callable(hook):
+            raise TypeError(f"hook must be callable; got {type(hook).__name__}")
+        self._contribution_hooks.append(hook)
+        hooks = self._contribution_hooks
+
+        class _Handle:
+            def remove(self_inner):
+                if hook in hooks:
+                    hooks.remove(hook)
+        return _Handle()
+
     def signal_skip_step(self, do_skip: bool = True) -> None:
         """Make the next ``step()`` only accumulate (virtual batches: a non-final physical chunk)."""
         self._skip_next_step = bool(do_skip)
@@ -128,10 +148,13 @@ class DPOptimizer(torch.optim.Optimizer):
         self._mid_logical_batch = False
         self._check_all_gradients_seen()
         params = self.params
+        extras = [e for e in (hook(self.steps, params) for hook in self._contribution_hooks) if e is not None]
         noise = self.noise.sample(self.steps, params) if self.noise_multiplier > 0 else None
         std = self.noise_multiplier * self.max_grad_norm
         for i, p in enumerate(params):
             grad = self.engine.clipped_sum(p)
+            for extra in extras:
+                grad = grad + extra[i]
             if noise is not None:
                 grad = grad + std * noise[i]
             p.grad = grad / self.expected_batch_size
