@@ -1,0 +1,217 @@
+"""Private ADMM: non-private limit vs scikit-learn, the injected noise vs the accounted noise, sampling."""
+
+import numpy as np
+import pytest
+from scipy import stats
+from sklearn.linear_model import Lasso, LogisticRegression
+
+from dpkit.admm import (DPLassoADMM, DPLogisticADMM, dp_proximal_sgd, l1_prox, l2_prox,
+                        elastic_net_prox, logistic_loss_prox, no_prox, private_admm,
+                        squared_loss_grad, squared_loss_prox)
+
+INF = float("inf")
+
+
+def _lasso_data(n=200, p=8, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, p)) / np.sqrt(p)
+    w = np.zeros(p)
+    w[:3] = [2.0, -1.5, 1.0]
+    return X, X @ w + 0.7 + 0.1 * rng.normal(size=n)
+
+
+@pytest.fixture(scope="module")
+def lasso_ref():
+    X, y = _lasso_data()
+    ref = Lasso(alpha=0.02, tol=1e-12, max_iter=100_000).fit(X, y)
+    return X, y, ref
+
+
+@pytest.mark.parametrize("variant,max_iter", [("centralized", 300), ("federated", 400), ("decentralized", 150)])
+def test_no_noise_no_clip_converges_to_sklearn_lasso(lasso_ref, variant, max_iter):
+    X, y, ref = lasso_ref
+    m = DPLassoADMM(alpha=0.02, epsilon=None, clip=None, variant=variant, max_iter=max_iter,
+                    step=3.0, sampling_rate=0.5, random_state=1).fit(X, y)
+    np.testing.assert_allclose(m.coef_, ref.coef_, atol=1e-4)
+    assert m.intercept_ == pytest.approx(ref.intercept_, abs=1e-4)
+    assert m.epsilon_ == INF and m.noise_multiplier_ == 0.0
+
+
+def test_clipping_without_noise_keeps_the_fixed_point(lasso_ref):
+    X, y, ref = lasso_ref
+    m = DPLassoADMM(alpha=0.02, epsilon=None, clip=0.05, max_iter=2000, step=3.0).fit(X, y)
+    np.testing.assert_allclose(m.coef_, ref.coef_, atol=1e-4)
+
+
+def test_no_noise_logistic_matches_sklearn():
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(150, 4))
+    y = (X @ np.array([1.0, -2.0, 0.5, 0.0]) + 0.3 + rng.logistic(size=150) > 0).astype(int)
+    alpha = 0.01
+    ref = LogisticRegression(C=1.0 / (alpha * len(y)), tol=1e-12, max_iter=10_000).fit(X, y)
+    m = DPLogisticADMM(alpha=alpha, epsilon=None, clip=None, max_iter=800, step=2.0).fit(X, y)
+    np.testing.assert_allclose(m.coef_, ref.coef_[0], atol=1e-4)
+    assert m.intercept_ == pytest.approx(ref.intercept_[0], abs=1e-4)
+    assert np.array_equal(m.predict(X), ref.predict(X))
+    np.testing.assert_allclose(m.predict_proba(X), ref.predict_proba(X), atol=1e-4)
+
+
+def test_prox_operators_solve_their_problems():
+    # each prox checked by its optimality condition / direct minimisation
+    rng = np.random.default_rng(0)
+    V, X = rng.normal(size=(5, 3)), rng.normal(size=(5, 3))
+    y, ys, step = rng.normal(size=5), np.sign(rng.normal(size=5)), 0.7
+    P = squared_loss_prox(V, step, X, y)
+    grad = -(y - np.einsum("ij,ij->i", X, P))[:, None] * X + (P - V) / step
+    np.testing.assert_allclose(grad, 0, atol=1e-12)
+    P = logistic_loss_prox(V, step, X, ys)
+    marg = ys * np.einsum("ij,ij->i", X, P)
+    grad = -(ys / (1 + np.exp(marg)))[:, None] * X + (P - V) / step
+    np.testing.assert_allclose(grad, 0, atol=1e-10)
+    v = np.array([1.0, -0.2, 0.05, -3.0])
+    np.testing.assert_allclose(l1_prox(0.5)(v, 0.4), [0.8, 0.0, 0.0, -2.8])
+    np.testing.assert_allclose(l2_prox(2.0)(v, 0.5), v / 2.0)
+    np.testing.assert_allclose(elastic_net_prox(1.0, 1.0)(v, 0.4), l1_prox(1.0)(v, 0.4))
+    np.testing.assert_allclose(elastic_net_prox(2.0, 0.0)(v, 0.5), v / 2.0)
+    np.testing.assert_allclose(no_prox()(v, 3.0), v)
+    mask = np.array([True, True, True, False])
+    np.testing.assert_allclose(l1_prox(0.5)(v, 0.4, mask), [0.8, 0.0, 0.0, -3.0])
+
+
+def _one_step(variant, sigma, seed, lam=0.3, L=0.2, n=3000, p=4, q=None):
+    X, y = _lasso_data(n=n, p=p, seed=5)
+    return private_admm(X, y, squared_loss_prox, l1_prox(0.01), noise_multiplier=sigma, clip=L,
+                        variant=variant, relaxation=lam, max_iter=1, sampling_rate=q, rng=seed)
+
+
+def test_injected_noise_has_the_accounted_std():
+    # one centralized step with and without noise from the same start: the difference IS the noise
+    lam, L, sigma = 0.3, 0.2, 1.7
+    noisy = _one_step("centralized", sigma, seed=11, lam=lam, L=L)
+    clean = _one_step("centralized", 0.0, seed=11, lam=lam, L=L)
+    expected_std = sigma * 2 * lam * 2 * L  # sigma times the replace-one sensitivity 2*lam*(2L)
+    assert noisy.noise_std == pytest.approx(expected_std)
+    noise = (noisy.duals - clean.duals).ravel()
+    assert stats.kstest(noise / expected_std, "norm").pvalue > 1e-3
+    # chi-square test of the variance (two-sided, level 1e-3)
+    chi2 = np.sum(noise ** 2) / expected_std ** 2
+    dof = noise.size
+    assert stats.chi2.ppf(5e-4, dof) < chi2 < stats.chi2.ppf(1 - 5e-4, dof)
+
+
+def test_clean_update_respects_the_sensitivity():
+    lam, L = 0.3, 0.2
+    clean = _one_step("centralized", 0.0, seed=0, lam=lam, L=L)
+    norms = np.linalg.norm(clean.duals, axis=1)
+    assert norms.max() <= 2 * lam * L * (1 + 1e-12)
+    assert clean.sensitivity == pytest.approx(4 * lam * L)
+
+
+def test_federated_samples_clients_at_the_accounted_rate():
+    q, n = 0.2, 3000
+    res = _one_step("federated", 0.0, seed=4, n=n, q=q)
+    moved = np.count_nonzero(np.linalg.norm(res.duals, axis=1) > 0)
+    assert res.sampling_rate == q
+    assert stats.binomtest(moved, n, q).pvalue > 1e-3
+
+
+def test_decentralized_visits_one_user_per_step_and_counts_steps():
+    X, y = _lasso_data(n=50)
+    res = private_admm(X, y, squared_loss_prox, l1_prox(0.01), noise_multiplier=1.0, clip=0.5,
+                       variant="decentralized", max_iter=3, rng=0)
+    assert res.steps == 150 and res.sampling_rate == pytest.approx(1 / 50)
+
+
+def test_seeded_runs_are_reproducible_and_seeds_differ():
+    a = _one_step("federated", 1.0, seed=7, q=0.3, n=200)
+    b = _one_step("federated", 1.0, seed=7, q=0.3, n=200)
+    c = _one_step("federated", 1.0, seed=8, q=0.3, n=200)
+    assert np.array_equal(a.duals, b.duals) and not np.array_equal(a.duals, c.duals)
+
+
+def test_private_estimator_spends_at_most_its_budget(lasso_ref):
+    X, y, _ = lasso_ref
+    for variant in ("centralized", "federated", "decentralized"):
+        m = DPLassoADMM(alpha=0.02, epsilon=2.0, delta=1e-5, variant=variant, max_iter=5,
+                        sampling_rate=0.2, random_state=0).fit(X, y)
+        assert 0 < m.noise_multiplier_ and m.epsilon_ <= 2.0
+        assert np.all(np.isfinite(m.coef_))
+
+
+def test_more_budget_gives_a_better_model_on_average(lasso_ref):
+    X, y, ref = lasso_ref
+    err = {}
+    for eps in (0.5, 50.0):
+        errs = [np.linalg.norm(DPLassoADMM(alpha=0.02, epsilon=eps, max_iter=20, clip=0.5, step=3.0,
+                                           random_state=s).fit(X, y).coef_ - ref.coef_)
+                for s in range(4)]
+        err[eps] = np.mean(errs)
+    assert err[50.0] < err[0.5]
+
+
+def test_dp_proximal_sgd_without_noise_matches_sklearn(lasso_ref):
+    X, y, ref = lasso_ref
+    Xb = np.hstack([X, np.ones((len(y), 1))])
+    mask = np.r_[np.ones(X.shape[1], bool), False]
+    w = dp_proximal_sgd(Xb, y, squared_loss_grad, l1_prox(0.02), noise_multiplier=0.0, clip=1e6,
+                        learning_rate=1.0, steps=3000, penalized=mask)
+    np.testing.assert_allclose(w[:-1], ref.coef_, atol=1e-4)
+    assert w[-1] == pytest.approx(ref.intercept_, abs=1e-4)
+
+
+X0, Y0 = _lasso_data(n=20, p=3)
+BASE = dict(noise_multiplier=1.0, clip=1.0)
+
+
+@pytest.mark.parametrize("kwargs,exc,word", [
+    (dict(variant="gossip"), ValueError, "variant"),
+    (dict(noise_multiplier=-1.0), ValueError, "noise_multiplier"),
+    (dict(clip=0.0), ValueError, "clip"),
+    (dict(clip=INF), ValueError, "clip"),
+    (dict(relaxation=1.0), ValueError, "relaxation"),
+    (dict(relaxation=0.0), ValueError, "relaxation"),
+    (dict(step=-1.0), ValueError, "step"),
+    (dict(max_iter=0), ValueError, "max_iter"),
+    (dict(variant="federated"), ValueError, "sampling_rate"),
+    (dict(variant="federated", sampling_rate=1.5), ValueError, "sampling_rate"),
+    (dict(sampling_rate=0.5), ValueError, "sampling_rate"),
+    (dict(penalized=np.ones(2, bool)), ValueError, "penalized"),
+    (dict(X=np.ones(3)), ValueError, "X"),
+    (dict(y=np.ones(7)), ValueError, "y"),
+    (dict(X=np.full((20, 3), np.nan)), ValueError, "finite"),
+    (dict(loss_prox="squared"), TypeError, "loss_prox"),
+])
+def test_private_admm_invalid_inputs(kwargs, exc, word):
+    args = dict(BASE, X=X0, y=Y0, loss_prox=squared_loss_prox, reg_prox=l1_prox(0.1))
+    args.update(kwargs)
+    with pytest.raises(exc, match=word):
+        private_admm(args.pop("X"), args.pop("y"), args.pop("loss_prox"), args.pop("reg_prox"), **args)
+
+
+@pytest.mark.parametrize("est,kwargs,exc,word", [
+    (DPLassoADMM, dict(alpha=-1.0), ValueError, "alpha"),
+    (DPLassoADMM, dict(epsilon=0.0), ValueError, "epsilon"),
+    (DPLassoADMM, dict(delta=1.0), ValueError, "delta"),
+    (DPLassoADMM, dict(variant="p2p"), ValueError, "variant"),
+    (DPLassoADMM, dict(clip=None), ValueError, "clip"),
+    (DPLassoADMM, dict(noise_multiplier=1.0), ValueError, "noise_multiplier"),
+    (DPLassoADMM, dict(epsilon=None, noise_multiplier=-2.0), ValueError, "noise_multiplier"),
+    (DPLassoADMM, dict(variant="federated", sampling_rate=0.0), ValueError, "sampling_rate"),
+    (DPLassoADMM, dict(max_iter=2.5), TypeError, "max_iter"),
+    (DPLogisticADMM, dict(penalty="l0"), ValueError, "penalty"),
+    (DPLogisticADMM, dict(penalty="elasticnet", l1_ratio=2.0), ValueError, "l1_ratio"),
+])
+def test_estimator_invalid_params(est, kwargs, exc, word):
+    y = Y0 if est is DPLassoADMM else (Y0 > np.median(Y0)).astype(int)
+    with pytest.raises(exc, match=word):
+        est(**kwargs).fit(X0, y)
+
+
+def test_estimator_invalid_data_and_unfitted():
+    with pytest.raises(ValueError, match="two classes"):
+        DPLogisticADMM().fit(X0, np.zeros(20))
+    with pytest.raises(ValueError, match="fit"):
+        DPLassoADMM().predict(X0)
+    m = DPLassoADMM(epsilon=None, clip=None, max_iter=2).fit(X0, Y0)
+    with pytest.raises(ValueError, match="columns"):
+        m.predict(np.ones((2, 5)))
