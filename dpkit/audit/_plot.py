@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
-from scipy.stats import norm
+
+
+def _normal_pdf(x, mean, std):
+    return np.exp(-0.5 * ((x - mean) / std) ** 2) / (std * np.sqrt(2 * np.pi))
 
 
 def plot_audit(report, path) -> None:
@@ -34,8 +37,8 @@ def plot_audit(report, path) -> None:
     ax.hist(art.canary_scores, bins=bins, density=True, alpha=0.5, label="inserted canaries")
     if art.null_scores is not None:
         ax.hist(art.null_scores, bins=bins, density=True, alpha=0.5, label="unseen canaries")
-    ax.plot(grid, norm.pdf(grid, est.null_mean, est.null_std), "k--", label="null Gaussian")
-    ax.plot(grid, norm.pdf(grid, est.mean, est.std), "r-", label="fitted N(μ̂, σ̂²)")
+    ax.plot(grid, _normal_pdf(grid, est.null_mean, est.null_std), "k--", label="null Gaussian")
+    ax.plot(grid, _normal_pdf(grid, est.mean, est.std), "r-", label="fitted N(μ̂, σ̂²)")
     ax.set_xlabel("canary statistic (cosine)")
     ax.set_ylabel("density")
     ax.set_title(f"ε̂ = {est.epsilon:.3g} (≥ {est.epsilon_lower:.3g}), "

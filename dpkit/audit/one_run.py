@@ -23,9 +23,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.special import expit
-from scipy.stats import beta as beta_dist
-from scipy.stats import binom
+# scipy.special, not scipy.stats: scipy.stats fails to import when torch is masked as absent
+# (sys.modules["torch"] = None), which is how dpkit tests that this package is torch-free
+from scipy.special import bdtrc, betaincinv, expit
 
 from dpkit import _validate
 
@@ -37,8 +37,9 @@ def _one_run_tail(eps: float, m: int, r: int, v: int, delta: float) -> float:
     """Steinke et al. (2023), Thm. 5.2: upper bound on P[V ≥ v] under (ε, δ)-DP."""
     q = expit(eps)  # e^ε / (1 + e^ε) without overflow
 
-    def f(u):  # P[Binomial(r, q) ≥ u]; equals 1 for u ≤ 0
-        return binom.sf(np.asarray(u) - 1, r, q)
+    def f(u):  # P[Binomial(r, q) ≥ u] = P[X > u − 1]; equals 1 for u ≤ 0
+        u = np.asarray(u)
+        return np.where(u <= 0, 1.0, bdtrc(np.maximum(u - 1, 0), r, q))
 
     tail = float(f(v))
     if delta > 0 and v > 0:
@@ -150,8 +151,8 @@ def clopper_pearson_interval(successes, trials, *, confidence=0.95):
     if k > n:
         raise ValueError(f"successes must be <= trials ({n}); got {k!r}")
     alpha = 1.0 - _validate.probability("confidence", confidence, allow_one=False)
-    lower = 0.0 if k == 0 else float(beta_dist.ppf(alpha / 2, k, n - k + 1))
-    upper = 1.0 if k == n else float(beta_dist.ppf(1 - alpha / 2, k + 1, n - k))
+    lower = 0.0 if k == 0 else float(betaincinv(k, n - k + 1, alpha / 2))
+    upper = 1.0 if k == n else float(betaincinv(k + 1, n - k, 1 - alpha / 2))
     return lower, upper
 
 
