@@ -19,7 +19,7 @@ import math
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from dpkit import _validate
 from dpkit.accountants import (
@@ -44,7 +44,8 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
                  clip_function: str = "standard", loss_reduction: str = "mean",
                  max_physical_batch_size: int | None = None, sample_rate: float | None = None,
                  expected_batch_size: float | None = None, noise: NoiseMechanism | None = None,
-                 secure_mode: bool = False, generator: torch.Generator | None = None):
+                 secure_mode: bool = False, generator: torch.Generator | None = None,
+                 distributed: bool = False):
     """Make ``model``/``optimizer``/``data_loader`` train with DP-SGD and track ε.
 
     Args:
@@ -73,6 +74,11 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
             the accountant must then be one that accounts it.
         secure_mode: noise from OS entropy (see :class:`~dpkit.mechanisms.noise.GaussianNoise`).
         generator: ``torch.Generator`` for noise (and sampling, via a derived generator).
+        distributed: data-parallel DP-SGD over an initialised ``torch.distributed`` group (do not
+            wrap the model in DDP). ``data_loader.batch_size`` is the GLOBAL expected batch size B;
+            rank r Poisson-samples the shard ``r::world_size`` at rate q = B/N, so the union of the
+            ranks' batches is one Poisson sample of the whole dataset. Pass the same seeded
+            ``generator`` on every rank (identical noise, added once; see :class:`DPOptimizer`).
 
     Returns:
         ``(model, dp_optimizer, dp_data_loader)`` (``dp_data_loader`` is None if none was given).
@@ -128,7 +134,7 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
     dp_optimizer = DPOptimizer(optimizer, engine=engine, noise_multiplier=noise_multiplier,
                                expected_batch_size=batch_size, step_event=step_event,
                                accountant=accountant, noise=noise, generator=generator,
-                               secure_mode=secure_mode)
+                               secure_mode=secure_mode, distributed=distributed)
     if target_epsilon is not None:
         dp_optimizer.max_steps = planned_steps
         dp_optimizer.target = (target_epsilon, target_delta)
@@ -139,11 +145,20 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
         if generator is not None:  # sampling and noise must not share one stream
             sampler_generator = torch.Generator().manual_seed(
                 int(torch.randint(0, 2**62, (1,), generator=generator)))
+        dataset = data_loader.dataset
+        if distributed:
+            if not poisson_sampling:
+                raise ValueError("distributed=True supports Poisson sampling only")
+            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+            dataset = Subset(dataset, range(rank, dataset_size, world))
+            if sampler_generator is not None:  # independent sampling on each rank
+                sampler_generator.manual_seed(sampler_generator.initial_seed() + 7919 * rank)
         if poisson_sampling:
-            batch_sampler = PoissonBatchSampler(dataset_size, q, generator=sampler_generator)
+            batch_sampler = PoissonBatchSampler(len(dataset), q, steps=math.ceil(dataset_size / batch_size),
+                                                generator=sampler_generator)
         else:
             batch_sampler = FixedSizeBatchSampler(dataset_size, int(batch_size), generator=sampler_generator)
-        dp_loader = DPDataLoader(data_loader.dataset, batch_sampler,
+        dp_loader = DPDataLoader(dataset, batch_sampler,
                                  max_physical_batch_size=max_physical_batch_size,
                                  collate_fn=data_loader.collate_fn, num_workers=data_loader.num_workers,
                                  pin_memory=data_loader.pin_memory)

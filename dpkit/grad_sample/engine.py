@@ -59,6 +59,8 @@ class GradientEngine:
         loss_reduction: ``"mean"`` if the loss averages over the batch (the captured output
             gradients are multiplied back by the physical batch size) or ``"sum"``.
         stability: γ of automatic clipping.
+        track_unclipped: also accumulate the UNCLIPPED sum Σ_i g_i (error-feedback methods such as
+            DiceSGD need both sums of the same batch); read it with :meth:`unclipped_sum`.
 
     Raises:
         ValueError/TypeError: bad arguments, named.
@@ -67,7 +69,7 @@ class GradientEngine:
 
     def __init__(self, model: nn.Module, *, max_grad_norm: float, mode: str = "bk",
                  clip_scope: str = "flat", clip_function: str = "standard",
-                 loss_reduction: str = "mean", stability: float = 0.01):
+                 loss_reduction: str = "mean", stability: float = 0.01, track_unclipped: bool = False):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
         self.max_grad_norm = _validate.positive("max_grad_norm", max_grad_norm)
@@ -104,6 +106,8 @@ class GradientEngine:
         self._handles = []
         self._silenced = False
         self.summed_grads: dict[int, torch.Tensor] = {}
+        self.track_unclipped = bool(track_unclipped)
+        self.unclipped_grads: dict[int, torch.Tensor] = {}
         self.examples_seen = 0
         self.paths: dict[str, str] = {}
         self.dropped_examples = 0
@@ -204,10 +208,9 @@ class GradientEngine:
         factors = self._clip_factors(merged, batch_size)
         for pid, contrib in merged.items():
             s = contrib.clipped_sum(factors[pid])
-            if pid in self.summed_grads:
-                self.summed_grads[pid].add_(s)
-            else:
-                self.summed_grads[pid] = s
+            _add_into(self.summed_grads, pid, s)
+            if self.track_unclipped:
+                _add_into(self.unclipped_grads, pid, contrib.clipped_sum(torch.ones_like(factors[pid])))
         self.examples_seen += batch_size
         return batch_size
 
@@ -288,6 +291,7 @@ class GradientEngine:
     def reset(self) -> None:
         """Forget accumulated sums and any captured activations (start of a logical batch)."""
         self.summed_grads.clear()
+        self.unclipped_grads.clear()
         self._records.clear()
         self.examples_seen = 0
 
@@ -296,5 +300,19 @@ class GradientEngine:
         s = self.summed_grads.get(id(p))
         return torch.zeros_like(p) if s is None else s.to(p.dtype)
 
+    def unclipped_sum(self, p: torch.Tensor) -> torch.Tensor:
+        """The accumulated UNCLIPPED sum Σ_i g_i for ``p`` (needs ``track_unclipped=True``)."""
+        if not self.track_unclipped:
+            raise RuntimeError("unclipped sums are not tracked; build the engine with track_unclipped=True")
+        s = self.unclipped_grads.get(id(p))
+        return torch.zeros_like(p) if s is None else s.to(p.dtype)
+
     def parameter_name(self, p: torch.Tensor) -> str:
         return self._names.get(id(p), "<unnamed>")
+
+
+def _add_into(sums: dict, key, value: torch.Tensor) -> None:
+    if key in sums:
+        sums[key].add_(value)
+    else:
+        sums[key] = value

@@ -41,6 +41,11 @@ class DPOptimizer(torch.optim.Optimizer):
             ``generator`` (or OS entropy with ``secure_mode``).
         generator: ``torch.Generator`` for the default noise (reproducible runs).
         secure_mode: draw the default noise from OS entropy (see :class:`GaussianNoise`).
+        distributed: data-parallel DP-SGD over ``torch.distributed`` (do NOT also wrap the model in
+            DistributedDataParallel): every rank clips its own Poisson sample, the clipped sums are
+            all-reduced, and the noise — drawn identically on every rank from the same seeded
+            ``generator`` — is added once to the global sum, so all ranks take the same step.
+            ``expected_batch_size`` is then the GLOBAL expected batch size.
 
     Raises:
         TypeError/ValueError: naming the bad argument; optimizer parameters that are not trainable
@@ -50,7 +55,8 @@ class DPOptimizer(torch.optim.Optimizer):
     def __init__(self, optimizer: torch.optim.Optimizer, *, engine: GradientEngine,
                  noise_multiplier: float, expected_batch_size: float, step_event=None,
                  accountant=None, noise: NoiseMechanism | None = None,
-                 generator: torch.Generator | None = None, secure_mode: bool = False):
+                 generator: torch.Generator | None = None, secure_mode: bool = False,
+                 distributed: bool = False):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer; got {type(optimizer).__name__}")
         if isinstance(optimizer, DPOptimizer):
@@ -63,6 +69,19 @@ class DPOptimizer(torch.optim.Optimizer):
             noise = GaussianNoise(generator, secure_mode=secure_mode)
         elif not isinstance(noise, NoiseMechanism):
             raise TypeError(f"noise must be a dpkit NoiseMechanism; got {type(noise).__name__}")
+        if not isinstance(distributed, bool):
+            raise TypeError(f"distributed must be a bool; got {distributed!r}")
+        if distributed:
+            if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+                raise ValueError("distributed=True needs an initialised torch.distributed process group "
+                                 "(call torch.distributed.init_process_group first)")
+            if secure_mode:
+                raise ValueError("distributed=True cannot use secure_mode: ranks must draw identical noise "
+                                 "from a shared seed (give the same seeded generator on every rank)")
+            if generator is None and noise is None:
+                raise ValueError("distributed=True needs generator= seeded identically on every rank, so "
+                                 "that the noise is the same everywhere and is added only once")
+        self.distributed = distributed
         self.original_optimizer = optimizer
         self.engine = engine
         self.noise = noise
@@ -148,15 +167,18 @@ class DPOptimizer(torch.optim.Optimizer):
         self._mid_logical_batch = False
         self._check_all_gradients_seen()
         params = self.params
-        extras = [e for e in (hook(self.steps, params) for hook in self._contribution_hooks) if e is not None]
+        sums = [self.engine.clipped_sum(p) for p in params]
+        for hook in self._contribution_hooks:
+            extra = hook(self.steps, params)
+            if extra is not None:
+                sums = [s + e for s, e in zip(sums, extra)]
+        if self.distributed:
+            _all_reduce_sum(sums)
+        # after the all-reduce: every rank draws the SAME noise (same seed), so it counts once
         noise = self.noise.sample(self.steps, params) if self.noise_multiplier > 0 else None
         std = self.noise_multiplier * self.max_grad_norm
         for i, p in enumerate(params):
-            grad = self.engine.clipped_sum(p)
-            for extra in extras:
-                grad = grad + extra[i]
-            if noise is not None:
-                grad = grad + std * noise[i]
+            grad = sums[i] if noise is None else sums[i] + std * noise[i]
             p.grad = grad / self.expected_batch_size
         self.original_optimizer.step()
         self.engine.reset()
@@ -227,3 +249,14 @@ class DPOptimizer(torch.optim.Optimizer):
         return (f"DPOptimizer(noise_multiplier={self.noise_multiplier}, max_grad_norm={self.max_grad_norm}, "
                 f"expected_batch_size={self.expected_batch_size}, base={self.original_optimizer!r})")
 
+
+
+def _all_reduce_sum(tensors: list[torch.Tensor]) -> None:
+    """Sum ``tensors`` over all ranks in place (one flat buffer, one collective)."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[offset:offset + n].view_as(t))
+        offset += n
