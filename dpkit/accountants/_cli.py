@@ -62,7 +62,7 @@ def register(subparsers) -> None:
 
 def _schedule(args) -> dict:
     """Validate the schedule flags; return the echoed inputs incl. the resolved q and steps."""
-    from dpkit.accountants.calibration import epochs_to_steps
+    from dpkit.accountants._schedule import epochs_to_steps
 
     rate_form = {"--sampling-rate": args.sampling_rate, "--steps": args.steps}
     epoch_form = {"--dataset-size": args.dataset_size, "--batch-size": args.batch_size,
@@ -120,9 +120,17 @@ def _epsilon_of(name: str, sigma: float, q: float, steps: int, delta: float, not
     return value
 
 
+def _quiet_backend_logs() -> None:
+    """dp_accounting logs (via absl) each RDP order it drops; a CLI user gets the bound, not that."""
+    import logging
+
+    logging.getLogger("absl").setLevel(logging.ERROR)
+
+
 def _epsilon_command(args) -> int:
     from dpkit.accountants.registry import make_accountant
 
+    _quiet_backend_logs()
     sched = _schedule(args)
     sigma = V.non_negative("--noise-multiplier", args.noise_multiplier)
     delta = V.delta("--delta", args.delta)
@@ -191,6 +199,7 @@ def _plot(path: str, names: list[str], sigma: float, q: float, steps: int, delta
 def _calibrate_command(args) -> int:
     from dpkit.accountants.calibration import calibrate_noise_multiplier
 
+    _quiet_backend_logs()
     target = V.positive("--target-epsilon", args.target_epsilon)
     delta = V.delta("--delta", args.delta)
     sched = _schedule(args)

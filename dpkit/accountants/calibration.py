@@ -13,10 +13,8 @@ dpkit rounds UP (like TF Privacy; Opacus rounds down), so a training run that ex
 
 from __future__ import annotations
 
-import math
-from fractions import Fraction
-
 from dpkit import _validate as V
+from dpkit.accountants._schedule import epochs_to_steps
 from dpkit.accountants.base import Accountant
 from dpkit.accountants.events import dpsgd_event
 from dpkit.accountants.registry import make_accountant
@@ -27,31 +25,6 @@ __all__ = ["calibrate_noise_multiplier", "steps_for_budget", "epochs_to_steps"]
 DEFAULT_MAX_NOISE_MULTIPLIER = 1e4
 # below this σ the search stops halving: numerical accountants become slow and meaningless there
 _MIN_NOISE_MULTIPLIER = 1e-2
-
-
-def epochs_to_steps(epochs, dataset_size, batch_size) -> tuple[float, int]:
-    """Convert an epochs schedule to DP-SGD's ``(sampling_prob, steps)``.
-
-    Args:
-        epochs: number of passes E > 0 (may be fractional).
-        dataset_size: N ≥ 1 (public; with Poisson sampling the expected batch is q·N).
-        batch_size: expected batch size B, 1 ≤ B ≤ N.
-
-    Returns:
-        ``(B / N, ceil(E · N / B))`` — rounded UP so the account covers the run.
-
-    Raises:
-        ValueError, TypeError: an argument outside its range or of the wrong kind.
-    """
-    epochs = V.positive("epochs", epochs)
-    dataset_size = V.positive_int("dataset_size", dataset_size)
-    batch_size = V.positive_int("batch_size", batch_size)
-    if batch_size > dataset_size:
-        raise ValueError(f"batch_size must be <= dataset_size ({dataset_size}); got {batch_size!r}")
-    q = batch_size / dataset_size
-    # exact rational arithmetic: float division could push an integer count up or down by one
-    steps = math.ceil(Fraction(epochs) * dataset_size / batch_size)
-    return q, max(1, steps)
 
 
 def _accountant_factory(accountant):
