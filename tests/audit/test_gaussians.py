@@ -18,7 +18,7 @@ def balle_wang_delta(eps, sensitivity, sigma):
 
 def quadrature_delta(eps, m0, s0, m1, s1):
     """max of both hockey-stick divergences by adaptive quadrature on a fine partition."""
-    edges = np.linspace(min(m0 - 14 * s0, m1 - 14 * s1), max(m0 + 14 * s0, m1 + 14 * s1), 201)
+    edges = np.linspace(min(m0 - 14 * s0, m1 - 14 * s1), max(m0 + 14 * s0, m1 + 14 * s1), 81)
 
     def hs(ma, sa, mb, sb):
         f = lambda x: max(norm.pdf(x, ma, sa) - np.exp(eps) * norm.pdf(x, mb, sb), 0.0)
