@@ -45,7 +45,11 @@ import math
 import numpy as np
 from scipy import optimize, sparse, special, stats
 
+from dp_accounting import dp_event as _dpe
+
 from dpkit import _validate
+from dpkit.accountants import events as _events
+from dpkit.accountants.base import Accountant
 
 _RATIO_GRID = 1e-4  # p̃/p is rounded UP to this grid so that equal rows share one PLD
 
@@ -336,25 +340,27 @@ def gaussian_epsilon(mu: float, delta: float) -> float:
     return float(eps) * (1 + 1e-9) + 1e-12  # round up past the root-finder's tolerance
 
 
-def unamplified_epsilon(C, *, noise_multiplier: float, delta: float, participation=None,
-                        sensitivity: float | None = None) -> float:
-    """ε of ``C x + σ z`` without amplification: a Gaussian with sensitivity sens(C).
+def unamplified_epsilon(*, sensitivity: float, noise_multiplier: float, delta: float) -> float:
+    """ε of ``C x + σ z`` without amplification: the Gaussian mechanism with μ = sens(C)/σ.
+
+    ``sens(C)`` is the encoder's L2 sensitivity under the participation schema (single,
+    (k, b) cyclic, b-min-separation; see ``dpkit.mechanisms.matrix.sensitivity``) — an upper
+    bound on it is safe. For noise standardised by that sensitivity (``CorrelatedNoise``) pass
+    ``sensitivity=1``: the event is ``GaussianDpEvent(σ)``.
 
     Args:
-        C: encoder (m × n).
-        noise_multiplier: σ.
+        sensitivity: sens(C) ≥ 0.
+        noise_multiplier: σ > 0 (noise std per unit clip norm in the release).
         delta: δ.
-        participation: a ``Participation`` (needs :mod:`dpkit.mechanisms.matrix`; torch-free).
-        sensitivity: give sens(C) directly instead of computing it (upper bounds are safe).
 
     Returns:
-        ε (float).
+        ε (exact Gaussian curve, rounded up).
+
+    Raises:
+        TypeError, ValueError: bad arguments.
     """
-    sigma = _validate.positive("noise_multiplier", noise_multiplier)
-    if sensitivity is None:
-        from dpkit.mechanisms.matrix.sensitivity import sensitivity as sens_fn
-        sensitivity = sens_fn(C, participation)
     sens = _validate.non_negative("sensitivity", sensitivity)
+    sigma = _validate.positive("noise_multiplier", noise_multiplier)
     return gaussian_epsilon(sens / sigma, delta)
 
 
@@ -397,3 +403,127 @@ def banded_amplified_epsilon(C, *, noise_multiplier: float, group_sampling_prob:
     pld = pld_lib.from_gaussian_mechanism(sigma / sens, sampling_prob=q,
                                           value_discretization_interval=value_discretization_interval)
     return float(pld.self_compose(steps).get_epsilon_for_delta(delta))
+
+
+_METHODS = ("mmcc", "banded", "unamplified")
+
+
+class MatrixMechanismAccountant(Accountant):
+    """Accountant for training with correlated noise ``σ·clip·sens·C⁻¹z`` (e.g. ``CorrelatedNoise``).
+
+    The optimizer composes its per-step DP-SGD event (``dpsgd_event(σ, q, 1)``) once per step; this
+    accountant checks σ and q against its configuration, counts the steps t, and reports ε for
+    the first t rows of the mechanism ``C x + σ·sens·z`` (the releases so far):
+
+    * ``method="mmcc"``: :func:`mmcc_analysis` on ``C[:t, :t] / sens`` (Poisson sampling with
+      rate q at every step over the whole data set).
+    * ``method="banded"``: :func:`banded_amplified_epsilon` (cyclic Poisson sampling: q is the
+      rate WITHIN the sampled group; C must be b-banded with b = the number of groups).
+    * ``method="unamplified"``: the Gaussian with μ = 1/σ (sens already covers the participation
+      schema of the whole run, hence every prefix — conservative for partial runs).
+
+    Args:
+        encoder: ``(n, n)`` encoder C (array-like, or an object with ``encoder()``).
+        noise_multiplier: σ of the training run.
+        sampling_prob: q of the composed step events (1 = no sampling).
+        sensitivity: the sensitivity the noise was standardised with (``CorrelatedNoise.sensitivity``).
+        method: ``"mmcc"``, ``"banded"`` or ``"unamplified"``.
+        bands: b for ``method="banded"`` (default: C's bandwidth).
+        mmcc_options: extra keyword arguments of :func:`mmcc_analysis`.
+        neighboring_relation: only ``"add_remove"`` is supported.
+
+    Raises:
+        TypeError, ValueError: bad arguments (e.g. a negative C for MMCC).
+    """
+
+    name = "matrix"
+
+    def __init__(self, encoder, *, noise_multiplier, sampling_prob, sensitivity=1.0,
+                 method="mmcc", bands=None, mmcc_options=None,
+                 neighboring_relation="add_remove"):
+        super().__init__(neighboring_relation)
+        if self._relation is not _events.as_relation("add_remove"):
+            raise ValueError("neighboring_relation must be 'add_remove' for matrix mechanisms; "
+                             f"got {neighboring_relation!r}")
+        if hasattr(encoder, "encoder") and callable(encoder.encoder):
+            encoder = encoder.encoder()
+        C = np.asarray(encoder, dtype=float)
+        if C.ndim != 2 or C.shape[0] != C.shape[1] or C.size == 0 or not np.all(np.isfinite(C)):
+            raise ValueError(f"encoder must be a finite square matrix; got shape {C.shape}")
+        self.method = _validate.one_of("method", method, _METHODS)
+        if self.method == "mmcc":
+            _check_encoder(C)
+        self.noise_multiplier = _validate.positive("noise_multiplier", noise_multiplier)
+        self.sampling_prob = _validate.probability("sampling_prob", sampling_prob)
+        self.sensitivity = _validate.positive("sensitivity", sensitivity)
+        self.bands = None if bands is None else _validate.positive_int("bands", bands)
+        if mmcc_options is not None and not isinstance(mmcc_options, dict):
+            raise TypeError(f"mmcc_options must be a dict or None; got {type(mmcc_options).__name__}")
+        self.mmcc_options = dict(mmcc_options or {})
+        self._C = C
+        self._results: dict = {}
+
+    def _config(self):
+        return {"encoder": self._C.tolist(), "noise_multiplier": self.noise_multiplier,
+                "sampling_prob": self.sampling_prob, "sensitivity": self.sensitivity,
+                "method": self.method, "bands": self.bands, "mmcc_options": self.mmcc_options}
+
+    def _step_event(self):
+        q = self.sampling_prob
+        gauss = _dpe.GaussianDpEvent(self.noise_multiplier)
+        return gauss if q == 1.0 else _dpe.PoissonSampledDpEvent(q, gauss)
+
+    def _backend_supports(self, event):
+        expected = self._step_event()
+        for leaf, _ in _events.leaves_with_counts(event):
+            if leaf != expected:
+                return (f"this accountant only counts the training step event {expected!r} "
+                        f"(noise_multiplier={self.noise_multiplier}, "
+                        f"sampling_prob={self.sampling_prob}); got {leaf!r}")
+        return None
+
+    @property
+    def steps(self) -> int:
+        """Number of steps composed so far."""
+        return sum(c for event, count in self._ledger
+                   for _, c in _events.leaves_with_counts(event, count))
+
+    def _prefix(self):
+        t = self.steps
+        if t > self._C.shape[0]:
+            raise ValueError(f"steps must be <= the encoder's n={self._C.shape[0]}; "
+                             f"{t} steps were composed")
+        return self._C[:t, :t] / self.sensitivity
+
+    def _epsilon_from_ledger(self, delta):
+        key = (self.steps, delta)
+        if key not in self._results:
+            C = self._prefix()
+            sigma = self.noise_multiplier
+            if self.method == "unamplified":
+                eps = gaussian_epsilon(1.0 / sigma, delta)
+            elif self.method == "banded":
+                eps = banded_amplified_epsilon(C, noise_multiplier=sigma,
+                                               group_sampling_prob=self.sampling_prob,
+                                               delta=delta, bands=self.bands)
+            else:
+                eps = mmcc_analysis(C, noise_multiplier=sigma, sampling_prob=self.sampling_prob,
+                                    delta=delta, **self.mmcc_options).epsilon
+            self._results[key] = eps
+        return self._results[key]
+
+    def _delta_from_ledger(self, epsilon):
+        # Smallest δ on a log grid with ε(δ) <= epsilon (bisection on log δ; returns the upper end,
+        # which is a valid δ because ε(δ_hi) <= epsilon was verified).
+        lo, hi = math.log(1e-15), math.log(0.5)
+        if self._epsilon_from_ledger(math.exp(hi)) > epsilon:
+            return 1.0
+        if self._epsilon_from_ledger(math.exp(lo)) <= epsilon:
+            return math.exp(lo)
+        for _ in range(12):
+            mid = (lo + hi) / 2
+            if self._epsilon_from_ledger(math.exp(mid)) <= epsilon:
+                hi = mid
+            else:
+                lo = mid
+        return math.exp(hi)
