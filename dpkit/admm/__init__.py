@@ -10,7 +10,8 @@ numpy/scipy only. Public names:
   :func:`l2_prox`, :func:`elastic_net_prox`, :func:`no_prox`.
 """
 
-from dpkit.admm.accounting import admm_epsilon, calibrate_admm_noise, sampled_gaussian_replace_rdp
+from dpkit.admm.accounting import (admm_epsilon, calibrate_admm_noise,
+                                   growing_sensitivity_gaussian_rdp, sampled_gaussian_replace_rdp)
 from dpkit.admm.estimators import DPLassoADMM, DPLogisticADMM
 from dpkit.admm.prox import (elastic_net_prox, l1_prox, l2_prox, logistic_loss_prox, no_prox,
                              squared_loss_prox)
@@ -18,6 +19,6 @@ from dpkit.admm.proxsgd import dp_proximal_sgd, logistic_loss_grad, squared_loss
 from dpkit.admm.solver import ADMMResult, private_admm
 
 __all__ = ["ADMMResult", "DPLassoADMM", "DPLogisticADMM", "admm_epsilon", "calibrate_admm_noise",
-           "dp_proximal_sgd", "elastic_net_prox", "l1_prox", "l2_prox", "logistic_loss_grad",
+           "dp_proximal_sgd", "elastic_net_prox", "growing_sensitivity_gaussian_rdp", "l1_prox", "l2_prox", "logistic_loss_grad",
            "logistic_loss_prox", "no_prox", "private_admm", "sampled_gaussian_replace_rdp",
            "squared_loss_grad", "squared_loss_prox"]

@@ -1,22 +1,29 @@
 """Privacy accounting of private ADMM and of the DP proximal-SGD baseline (replace-one neighbours).
 
-Both algorithms, at every step, let each user (record) take part with probability ``q``
-(1: centralized / full batch; ``q``: federated client sampling or Poisson batches; ``1/n``:
-decentralized token visits) and, when it takes part, release a Gaussian perturbation of a clipped
-quantity. Neighbouring datasets REPLACE one user's data. With noise std ``sigma * Delta`` where
-``Delta`` bounds the change of the released quantity under replacement, one step yields, given the
-past, the pair of mixtures ``q N(a, .) + (1-q) R`` vs ``q N(a', .) + (1-q) R`` with ``||a - a'|| <= Delta``
-and a COMMON part ``R`` (the user did not take part). Joint convexity of
-``(P, Q) -> E_Q[(dP/dQ)^alpha]`` for ``alpha > 1`` gives the per-step RDP bound::
+Neighbouring datasets REPLACE one user's data (one record per user). Two mechanisms occur.
+
+Centralized ADMM (growing sensitivity). Step t releases ``mean_i u_i^t + N(0, s^2 I)`` where,
+given the released past, the mean moves by at most ``t * Delta_1`` under replacement
+(``Delta_1 = 4 lambda L / n``; see :mod:`dpkit.admm.solver`). With ``s = sigma * Delta_1`` step t
+is a Gaussian mechanism of noise multiplier ``sigma / t``; adaptive composition (Mironov 2017,
+Prop. 1 and Cor. 3) gives ``rdp(alpha) = alpha * sum_{t<=T} t^2 / (2 sigma^2)``
+``= alpha T (T+1)(2T+1) / (12 sigma^2)``.
+
+Sampled local noise (federated, decentralized, DP prox-SGD). At every step each user takes part
+with probability ``q`` (federated client sampling; ``1/n`` for the decentralized token; Poisson
+batches for SGD) and, when it does, releases a Gaussian perturbation (noise multiplier ``sigma``
+w.r.t. the replace-one sensitivity) of a clipped quantity. Given the past, one step yields the pair
+``q N(a, .) + (1-q) R`` vs ``q N(a', .) + (1-q) R`` with a COMMON part ``R`` (the user did not take
+part). Joint convexity of ``(P, Q) -> E_Q[(dP/dQ)^alpha]`` for ``alpha > 1`` gives::
 
     rdp(alpha) = log(1 + q * (exp((alpha - 1) * alpha / (2 sigma^2)) - 1)) / (alpha - 1)
 
-(= the Gaussian mechanism's ``alpha / (2 sigma^2)`` at q = 1; Mironov 2017, Prop. 7 for the
-Gaussian; the mixture step is the standard convexity argument, e.g. Balle, Barthe, Gaboardi 2018
-"Privacy amplification by subsampling", Sec. 5). It is linear in q, hence loose for small q compared
-with the add/remove Poisson analysis, but it holds for replacement and whatever the adversary sees
-of WHO took part. Steps compose adaptively (Mironov 2017, Prop. 1), which is valid because the
-accounting treats every per-user state as released after every step (see docs/admm.md).
+(the Gaussian mechanism's ``alpha / (2 sigma^2)`` at q = 1, Mironov 2017 Prop. 7; the mixture
+step is the convexity argument of Balle, Barthe, Gaboardi 2018, "Privacy amplification by
+subsampling", Sec. 5). It is linear in q, hence looser for small q than the add/remove Poisson
+analysis, but it holds for replacement and whatever the adversary learns about WHO took part.
+
+Conversion to (eps, delta): ``dp_accounting``'s RDP conversion.
 """
 
 from __future__ import annotations
@@ -60,15 +67,57 @@ def sampled_gaussian_replace_rdp(noise_multiplier, sampling_rate, orders=None) -
     return out / (alphas - 1.0)
 
 
-def admm_epsilon(noise_multiplier, steps, delta, *, sampling_rate=1.0, orders=None) -> float:
-    """Return the (eps, delta)-DP epsilon of ``steps`` noisy private-ADMM (or DP-prox-SGD) steps.
+def growing_sensitivity_gaussian_rdp(noise_multiplier, steps, orders=None) -> np.ndarray:
+    """Return the RDP of ``steps`` Gaussian releases whose sensitivity at step t is ``t`` units.
 
     Args:
-        noise_multiplier: per-update noise std divided by the replace-one sensitivity of the
-            update (for ADMM ``4 * relaxation * clip``, for SGD ``2 * clip``).
-        steps: number of steps (>= 1); a user's chance of taking part in each is ``sampling_rate``.
+        noise_multiplier: noise std over the FIRST step's sensitivity (> 0).
+        steps: number of releases T (>= 1).
+        orders: Renyi orders (> 1); default grid when None.
+
+    Returns:
+        ``alpha * T (T+1) (2T+1) / (12 sigma^2)`` per order (composition of Gaussians with
+        multipliers ``sigma / t``, Mironov 2017 Prop. 7 and Prop. 1).
+
+    Raises:
+        ValueError / TypeError: arguments out of range.
+    """
+    sigma = v.positive("noise_multiplier", noise_multiplier)
+    steps = v.positive_int("steps", steps)
+    alphas = _orders(orders)
+    return alphas * (steps * (steps + 1) * (2 * steps + 1) / 6.0) / (2.0 * sigma ** 2)
+
+
+VARIANT_NAMES = ("centralized", "federated", "decentralized")
+
+
+def _variant_rdp(noise_multiplier, steps, variant, sampling_rate, alphas):
+    v.one_of("variant", variant, VARIANT_NAMES)
+    steps = v.positive_int("steps", steps)
+    if variant == "centralized":
+        if sampling_rate not in (None, 1, 1.0):
+            raise ValueError(f"sampling_rate must be None for variant='centralized'; got {sampling_rate!r}")
+        return growing_sensitivity_gaussian_rdp(noise_multiplier, steps, alphas)
+    if sampling_rate is None:
+        raise ValueError(f"sampling_rate must be given for variant={variant!r} (1/n for "
+                         "'decentralized'); got None")
+    return steps * sampled_gaussian_replace_rdp(noise_multiplier, sampling_rate, alphas)
+
+
+def admm_epsilon(noise_multiplier, steps, delta, *, variant="centralized", sampling_rate=None,
+                 orders=None) -> float:
+    """Return the (eps, delta)-DP epsilon of a private-ADMM run (or of DP prox-SGD).
+
+    Args:
+        noise_multiplier: ``sigma`` as in :func:`dpkit.admm.private_admm` (noise std over the
+            replace-one sensitivity of one step's release).
+        steps: number of noisy steps ``T`` (``ADMMResult.steps``).
         delta: delta in (0, 1).
-        sampling_rate: per-step participation probability of a given user, in (0, 1].
+        variant: ``"centralized"`` (growing-sensitivity Gaussian releases), ``"federated"`` or
+            ``"decentralized"`` (sampled local Gaussian noise; DP prox-SGD is accounted as
+            ``"federated"`` with its Poisson rate).
+        sampling_rate: per-step participation probability of a user (required unless centralized;
+            ``1/n`` for decentralized).
         orders: Renyi orders; default grid when None.
 
     Returns:
@@ -77,16 +126,15 @@ def admm_epsilon(noise_multiplier, steps, delta, *, sampling_rate=1.0, orders=No
     Raises:
         ValueError / TypeError: invalid arguments.
     """
-    steps = v.positive_int("steps", steps)
     delta = v.delta("delta", delta)
     alphas = _orders(orders)
-    rdp = steps * sampled_gaussian_replace_rdp(noise_multiplier, sampling_rate, alphas)
+    rdp = _variant_rdp(noise_multiplier, steps, variant, sampling_rate, alphas)
     eps, _ = _rdp.compute_epsilon(alphas, rdp, delta)
     return float(eps)
 
 
-def calibrate_admm_noise(target_epsilon, delta, steps, *, sampling_rate=1.0, orders=None,
-                         rtol=1e-4) -> float:
+def calibrate_admm_noise(target_epsilon, delta, steps, *, variant="centralized", sampling_rate=None,
+                         orders=None, rtol=1e-4) -> float:
     """Return the smallest noise multiplier (up to ``rtol``) whose epsilon is <= the target.
 
     Bisection on ``log sigma`` that returns the upper end of the bracket: never overshoots.
@@ -94,7 +142,7 @@ def calibrate_admm_noise(target_epsilon, delta, steps, *, sampling_rate=1.0, ord
     Args:
         target_epsilon: epsilon to reach (> 0).
         delta: delta in (0, 1).
-        steps, sampling_rate, orders: as in :func:`admm_epsilon`.
+        steps, variant, sampling_rate, orders: as in :func:`admm_epsilon`.
         rtol: relative width of the final bracket (> 0).
 
     Returns:
@@ -102,16 +150,17 @@ def calibrate_admm_noise(target_epsilon, delta, steps, *, sampling_rate=1.0, ord
 
     Raises:
         ValueError / TypeError: invalid arguments.
-        CalibrationError: no multiplier in [1e-4, 1e8] reaches the target.
+        CalibrationError: no multiplier in [1e-4, 1e10] reaches the target.
     """
     target = v.positive("target_epsilon", target_epsilon)
     delta = v.delta("delta", delta)
     rtol = v.positive("rtol", rtol)
 
     def eps(s):
-        return admm_epsilon(s, steps, delta, sampling_rate=sampling_rate, orders=orders)
+        return admm_epsilon(s, steps, delta, variant=variant, sampling_rate=sampling_rate,
+                            orders=orders)
 
-    lo, hi = 1e-4, 1e8
+    lo, hi = 1e-4, 1e10
     if eps(hi) > target:
         raise CalibrationError(f"no noise multiplier up to {hi:g} reaches epsilon {target:g}")
     if eps(lo) <= target:
@@ -125,4 +174,5 @@ def calibrate_admm_noise(target_epsilon, delta, steps, *, sampling_rate=1.0, ord
     return hi
 
 
-__all__ = ["DEFAULT_ORDERS", "sampled_gaussian_replace_rdp", "admm_epsilon", "calibrate_admm_noise"]
+__all__ = ["DEFAULT_ORDERS", "sampled_gaussian_replace_rdp", "growing_sensitivity_gaussian_rdp",
+           "admm_epsilon", "calibrate_admm_noise"]

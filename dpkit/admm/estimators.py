@@ -33,7 +33,8 @@ class _ADMMBase(BaseEstimator):
         if self.epsilon is None:
             return 0.0
         v.positive("epsilon", self.epsilon)
-        return calibrate_admm_noise(self.epsilon, self.delta, steps, sampling_rate=q)
+        return calibrate_admm_noise(self.epsilon, self.delta, steps, variant=self.variant,
+                                    sampling_rate=None if self.variant == "centralized" else q)
 
     def _fit_admm(self, X, y, loss_prox, reg_prox):
         v.one_of("variant", self.variant, VARIANTS)
@@ -64,8 +65,9 @@ class _ADMMBase(BaseEstimator):
         self.intercept_ = float(w[-1]) if self.fit_intercept else 0.0
         self.noise_multiplier_ = sigma
         self.n_steps_ = res.steps
-        self.epsilon_ = (float("inf") if sigma == 0 else
-                         admm_epsilon(sigma, res.steps, self.delta, sampling_rate=q))
+        self.epsilon_ = (float("inf") if sigma == 0 else admm_epsilon(
+            sigma, res.steps, self.delta, variant=self.variant,
+            sampling_rate=None if self.variant == "centralized" else q))
         self.n_features_in_ = self.coef_.shape[0]
         return self
 

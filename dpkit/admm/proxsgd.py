@@ -2,8 +2,9 @@
 
 Step: ``x <- prox_{eta r}(x - eta * (sum_{i in B} clip_C(grad_i) + N(0, (sigma * 2C)^2 I)) / (q n))``
 with Poisson batches of rate ``q`` and the PUBLIC normaliser ``q n``. The noise std is ``sigma``
-times the replace-one sensitivity ``2C`` of the clipped sum, so :func:`dpkit.admm.admm_epsilon`
-(same neighbouring relation as private ADMM) accounts it; the prox is post-processing.
+times the replace-one sensitivity ``2C`` of the clipped sum, so
+``admm_epsilon(sigma, steps, delta, variant="federated", sampling_rate=q)`` (same neighbouring
+relation as private ADMM) accounts it; the prox is post-processing.
 """
 
 from __future__ import annotations

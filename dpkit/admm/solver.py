@@ -2,30 +2,31 @@
 
 Problem: ``min_x (1/n) sum_i loss_i(x) + r(x)`` with one record per user. Consensus form
 ``sum_i loss_i(x_i)/n + r(z)`` s.t. ``x_i = z``; Douglas-Rachford on the product space with step
-``gamma = n * step`` gives, per step (Cyffers, Bellet, Basu, ICML 2023, Sec. 4, private ADMM as
-the noisy KM iteration ``u <- u + lambda (R_f R_r u - u) + noise`` of their Sec. 3)::
+``gamma = n * step`` is the KM iteration ``u <- u + lambda (R_f R_r u - u)`` (Cyffers, Bellet, Basu,
+ICML 2023, Sec. 3-4), i.e. per step::
 
-    z   = prox_{step r}(mean_i u_i)
+    z   = prox_{step r}(w),  w = mean_i u_i
     x_i = prox_{step loss_i}(2 z - u_i)                    (users taking part)
-    u_i = u_i + 2 lambda clip_L(x_i - z) + N(0, (sigma * 4 lambda L)^2 I)
+    u_i = u_i + 2 lambda clip_L(x_i - z)
 
-``lambda`` in (0, 1) is the KM relaxation. Replacing one user's data changes its update by at
-most ``2 lambda * 2L`` (both clipped vectors lie in the L-ball), so the noise std is ``sigma`` times
-that replace-one sensitivity. Clipping leaves the fixed points unchanged (at a fixed point
-``x_i = z``), and with ``sigma = 0``, ``L = inf`` this is exact ADMM.
+``lambda`` in (0, 1) is the KM relaxation. Clipping leaves the fixed points unchanged (at a fixed
+point ``x_i = z``); with no noise and ``L = inf`` this is exact ADMM. Where the noise goes:
 
-Variants (who takes part in a step):
-* ``"centralized"``: every user, every step (``T = max_iter`` steps, ``q = 1``).
-* ``"federated"``: each client independently with probability ``q`` (Poisson client sampling);
-  clients add their noise locally, so every message is itself a Gaussian mechanism (local DP).
+* ``"centralized"`` (trusted curator, every user every step): the curator keeps the ``u_i`` exact
+  and releases only the noisy aggregate ``w_t = mean_i u_i + N(0, s^2 I)``; the next step uses
+  ``z = prox(w_t)``. Every ``u_j`` is then a deterministic function of the released ``w`` and of
+  user j's data, so adaptive composition applies; replacing user i changes ``u_i`` by at most
+  ``4 lambda L`` per step, hence ``mean u`` at step t by at most ``4 lambda L t / n``.
+  ``s = sigma * 4 lambda L / n`` (sigma = noise multiplier of the FIRST step).
+* ``"federated"``: each client independently with probability ``q`` (Poisson client sampling)
+  updates and adds ``N(0, (sigma * 4 lambda L)^2 I)`` to its own ``u_i`` before sending it: every
+  message is itself a Gaussian mechanism (local DP); central DP gains from the sampling.
 * ``"decentralized"``: a token walks over the complete graph, visiting one uniformly random user
-  per step; it carries ``mean_i u_i`` and the visited user updates it (``T = max_iter * n`` steps,
-  ``q = 1/n``).
+  per step (``T = max_iter * n`` steps, ``q = 1/n``); the visited user adds the same local noise and
+  updates the running mean carried by the token.
 
-Accounting (:mod:`dpkit.admm.accounting`): every per-user state ``u_i`` is treated as released after
-every step, so the next step is a function of released values and the user's data, and adaptive
-RDP composition applies; see docs/admm.md for why the tighter bounds that keep ``u_i`` hidden are
-not used.
+Accounting: :mod:`dpkit.admm.accounting` (per variant); docs/admm.md explains why the federated
+and decentralized variants are accounted as if every ``u_i`` were released after every step.
 """
 
 from __future__ import annotations
@@ -49,9 +50,13 @@ class ADMMResult:
         steps: number of noisy steps ``T`` run (the accounting's step count).
         sampling_rate: per-step participation probability ``q`` of a given user.
         noise_multiplier: ``sigma`` (noise std / replace-one sensitivity).
-        noise_std: per-coordinate std of the noise added to a participating user's update.
-        sensitivity: replace-one sensitivity ``4 * relaxation * clip`` of one user's update.
-        history: consensus model after each round (rounds for decentralized = epochs), if recorded.
+        noise_std: per-coordinate std of the noise: of the released aggregate (centralized) or
+            of a participating user's update (federated, decentralized).
+        sensitivity: replace-one sensitivity of ONE step's released quantity: ``4 lambda L / n``
+            for the aggregate (centralized; it grows as ``t`` times this at step t), else
+            ``4 lambda L`` for a user's update.
+        released: last released aggregate ``w`` (centralized) or ``mean_i u_i`` (other variants).
+        history: consensus model after each round (rounds for decentralized = passes), if recorded.
     """
 
     coef: np.ndarray
@@ -61,6 +66,7 @@ class ADMMResult:
     noise_multiplier: float
     noise_std: float
     sensitivity: float
+    released: np.ndarray
     history: list = field(default_factory=list)
 
 
@@ -92,7 +98,8 @@ def private_admm(X, y, loss_prox, reg_prox, *, noise_multiplier, clip, variant="
         X: (n, p) features, one row per user.  y: (n,) targets.
         loss_prox: ``loss_prox(V, step, X, y) -> (m, p)`` (see :mod:`dpkit.admm.prox`).
         reg_prox: ``reg_prox(v, step, penalized) -> (p,)`` (see :mod:`dpkit.admm.prox`).
-        noise_multiplier: ``sigma >= 0``; the noise std is ``sigma * 4 * relaxation * clip``.
+        noise_multiplier: ``sigma >= 0``; the noise std is ``sigma`` times :attr:`ADMMResult.sensitivity`
+            (``4 * relaxation * clip / n`` centralized, ``4 * relaxation * clip`` otherwise).
         clip: ``L > 0`` bound on ``||x_i - z||`` used in the update; ``float('inf')`` (no clipping)
             only with ``noise_multiplier = 0``.
         variant: ``"centralized"``, ``"federated"`` or ``"decentralized"``.
@@ -137,43 +144,43 @@ def private_admm(X, y, loss_prox, reg_prox, *, noise_multiplier, clip, variant="
     if not isinstance(rng, np.random.Generator):
         rng = np.random.default_rng(rng)
 
-    sens = 4.0 * lam * L if np.isfinite(L) else float("inf")
+    user_sens = 4.0 * lam * L if np.isfinite(L) else float("inf")
+    sens = user_sens / n if variant == "centralized" else user_sens
     noise_std = sigma * sens if sigma > 0 else 0.0
     u = np.zeros((n, p))
-    ubar = np.zeros(p)
+    w = np.zeros(p)  # the public aggregate: mean of u, plus the curator's noise if centralized
     history = []
 
-    def z_of(mean_u):
-        return reg_prox(mean_u, step, penalized)
-
-    def update(idx, z):
-        # one noisy KM step for the users in idx; returns the change of their states
+    def update(idx, z, local_std):
+        # one KM step for the users in idx (local noise for federated / decentralized)
         x = loss_prox(2.0 * z - u[idx], step, X[idx], y[idx])
         du = 2.0 * lam * _clip_rows(x - z, L)
-        if noise_std > 0:
-            du = du + noise_std * rng.standard_normal(du.shape)
+        if local_std > 0:
+            du = du + local_std * rng.standard_normal(du.shape)
         return du
 
     if variant == "decentralized":
         steps = max_iter * n
         for _ in range(max_iter):
             for k in rng.integers(n, size=n):
-                du = update(np.array([k]), z_of(ubar))
+                du = update(np.array([k]), reg_prox(w, step, penalized), noise_std)
                 u[k] += du[0]
-                ubar += du[0] / n
+                w = w + du[0] / n
             if record_history:
-                history.append(z_of(ubar))
+                history.append(reg_prox(w, step, penalized))
     else:
         steps = max_iter
         everyone = np.arange(n)
+        local_std = noise_std if variant == "federated" else 0.0
         for _ in range(max_iter):
             idx = everyone if variant == "centralized" else np.flatnonzero(rng.random(n) < q)
             if idx.size:
-                du = update(idx, z_of(ubar))
-                u[idx] += du
-                ubar = u.mean(axis=0)
+                u[idx] += update(idx, reg_prox(w, step, penalized), local_std)
+            w = u.mean(axis=0)
+            if variant == "centralized" and noise_std > 0:
+                w = w + noise_std * rng.standard_normal(p)
             if record_history:
-                history.append(z_of(ubar))
-    return ADMMResult(coef=z_of(ubar), duals=u, steps=steps, sampling_rate=q,
-                      noise_multiplier=sigma, noise_std=noise_std, sensitivity=sens,
+                history.append(reg_prox(w, step, penalized))
+    return ADMMResult(coef=reg_prox(w, step, penalized), duals=u, steps=steps, sampling_rate=q,
+                      noise_multiplier=sigma, noise_std=noise_std, sensitivity=sens, released=w,
                       history=history)

@@ -84,19 +84,46 @@ def _one_step(variant, sigma, seed, lam=0.3, L=0.2, n=3000, p=4, q=None):
                         variant=variant, relaxation=lam, max_iter=1, sampling_rate=q, rng=seed)
 
 
-def test_injected_noise_has_the_accounted_std():
-    # one centralized step with and without noise from the same start: the difference IS the noise
-    lam, L, sigma = 0.3, 0.2, 1.7
-    noisy = _one_step("centralized", sigma, seed=11, lam=lam, L=L)
-    clean = _one_step("centralized", 0.0, seed=11, lam=lam, L=L)
-    expected_std = sigma * 2 * lam * 2 * L  # sigma times the replace-one sensitivity 2*lam*(2L)
-    assert noisy.noise_std == pytest.approx(expected_std)
-    noise = (noisy.duals - clean.duals).ravel()
+def _check_gaussian(noise, expected_std):
     assert stats.kstest(noise / expected_std, "norm").pvalue > 1e-3
     # chi-square test of the variance (two-sided, level 1e-3)
-    chi2 = np.sum(noise ** 2) / expected_std ** 2
-    dof = noise.size
+    chi2, dof = np.sum(noise ** 2) / expected_std ** 2, noise.size
     assert stats.chi2.ppf(5e-4, dof) < chi2 < stats.chi2.ppf(1 - 5e-4, dof)
+
+
+def test_local_noise_has_the_accounted_std():
+    # one federated step (q = 1) with and without noise from the same start: the difference IS the noise
+    lam, L, sigma = 0.3, 0.2, 1.7
+    noisy = _one_step("federated", sigma, seed=11, lam=lam, L=L, q=1.0)
+    clean = _one_step("federated", 0.0, seed=11, lam=lam, L=L, q=1.0)
+    expected_std = sigma * 2 * lam * 2 * L  # sigma times the replace-one sensitivity 2*lam*(2L)
+    assert noisy.noise_std == pytest.approx(expected_std)
+    _check_gaussian((noisy.duals - clean.duals).ravel(), expected_std)
+
+
+def test_centralized_noise_has_the_accounted_std():
+    # the curator's noise is on the released aggregate only; the users' states stay exact
+    lam, L, sigma, n, p = 0.4, 0.5, 2.3, 40, 4000
+    noisy = _one_step("centralized", sigma, seed=3, lam=lam, L=L, n=n, p=p)
+    clean = _one_step("centralized", 0.0, seed=3, lam=lam, L=L, n=n, p=p)
+    expected_std = sigma * 4 * lam * L / n
+    assert noisy.noise_std == pytest.approx(expected_std)
+    assert np.array_equal(noisy.duals, clean.duals)
+    _check_gaussian(noisy.released - clean.released, expected_std)
+
+
+def test_centralized_aggregate_moves_within_the_accounted_sensitivity():
+    # replacing one user's data moves the mean of u after t noiseless steps by <= t * 4 lam L / n
+    lam, L, n = 0.5, 0.1, 30
+    X, y = _lasso_data(n=n, p=5, seed=9)
+    X2, y2 = X.copy(), y.copy()
+    X2[0], y2[0] = -10 * X[0], 50.0
+    for t in (1, 3, 8):
+        runs = [private_admm(A, b, squared_loss_prox, l1_prox(0.01), noise_multiplier=0.0, clip=L,
+                             relaxation=lam, max_iter=t) for A, b in ((X, y), (X2, y2))]
+        gap = np.linalg.norm(runs[0].released - runs[1].released)
+        assert gap <= t * 4 * lam * L / n * (1 + 1e-9)
+        assert runs[0].sensitivity == pytest.approx(4 * lam * L / n)
 
 
 def test_clean_update_respects_the_sensitivity():
@@ -104,7 +131,6 @@ def test_clean_update_respects_the_sensitivity():
     clean = _one_step("centralized", 0.0, seed=0, lam=lam, L=L)
     norms = np.linalg.norm(clean.duals, axis=1)
     assert norms.max() <= 2 * lam * L * (1 + 1e-12)
-    assert clean.sensitivity == pytest.approx(4 * lam * L)
 
 
 def test_federated_samples_clients_at_the_accounted_rate():
