@@ -74,8 +74,8 @@ def test_toeplitz_fast_paths_match_dense(strategy):
 
 
 def test_blt_streams_past_ten_thousand_steps_and_beats_sqrt_truncation():
-    n = 12_000
-    s = blt(n, 2, maxiter=5)
+    n = 10_001
+    s = blt(n, 3, maxiter=5)
     assert isinstance(s, BLTStrategy) and s.n == n
     assert s.errors()["mean"] < 1.3 * toeplitz_sqrt(n).errors()["mean"]
     assert s.errors()["mean"] < identity(50).errors()["mean"] * n / 50 / 10
