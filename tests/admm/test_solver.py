@@ -241,3 +241,12 @@ def test_estimator_invalid_data_and_unfitted():
     m = DPLassoADMM(epsilon=None, clip=None, max_iter=2).fit(X0, Y0)
     with pytest.raises(ValueError, match="columns"):
         m.predict(np.ones((2, 5)))
+
+
+@pytest.mark.parametrize("variant,q", [("centralized", None), ("federated", 0.5), ("decentralized", None)])
+def test_history_records_one_model_per_round(variant, q):
+    X, y = _lasso_data(n=30)
+    res = private_admm(X, y, squared_loss_prox, l1_prox(0.01), noise_multiplier=0.5, clip=0.3,
+                       variant=variant, max_iter=4, sampling_rate=q, rng=0, record_history=True)
+    assert len(res.history) == 4
+    np.testing.assert_array_equal(res.history[-1], res.coef)
