@@ -123,3 +123,20 @@ def test_invalid_inputs(kwargs, exc, word):
 def test_invalid_delta(delta):
     with pytest.raises(ValueError, match="delta"):
         IterationAccountant(1.0, 1.0, 2).epsilon(delta)
+
+
+def test_iteration_accountant_and_admm_import_without_torch():
+    # a meta-path blocker (sys.modules['torch'] = None trips scipy's array-API helpers instead)
+    import subprocess
+    import sys
+    code = ("import sys, importlib.abc\n"
+            "class Block(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] == 'torch': raise ImportError('torch blocked')\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "from dpkit.accountants import IterationAccountant\n"
+            "import dpkit.admm\n"
+            "assert IterationAccountant(1.0, 1.0, 3).epsilon(1e-5) > 0\n"
+            "assert 'torch' not in sys.modules\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
