@@ -4,7 +4,7 @@
 closed-form membership-inference bounds of Cherubin et al. (approximate and strict) for both
 relations, with the PLD advantage and TPR-at-FPR bounds as references.
 
-``dpkit audit FILE [--confidence C] [--bootstrap N] [--seed S] [--plot OUT.png] [--json]`` audits a
+``dpkit audit FILE [--confidence C] [--plot OUT.png] [--json]`` audits a
 saved artefact (:mod:`dpkit.audit.artifact`): claimed ε vs the one-shot estimate. Exit status 0
 when consistent, 1 when the estimate's lower bound exceeds the claim, 2 on bad input.
 """
@@ -40,10 +40,7 @@ def register(subparsers) -> None:
                     "artefact (.json or .npz). Exit 1 when the claim is violated.")
     aud.add_argument("file", metavar="FILE", help="artefact written by dpkit.audit.save_artifact")
     aud.add_argument("--confidence", type=float, default=0.95,
-                     help="level of the one-sided bootstrap bound (default 0.95)")
-    aud.add_argument("--bootstrap", type=int, default=1000, metavar="N",
-                     help="bootstrap resamples (0 or >= 100; default 1000)")
-    aud.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+                     help="level of the lower confidence bound on epsilon (default 0.95)")
     aud.add_argument("--plot", metavar="OUT.png", help="save the canary histogram to this file")
     aud.add_argument("--json", action="store_true", help="print one JSON object")
     aud.set_defaults(handler=_audit)
@@ -90,8 +87,7 @@ def _audit(args: argparse.Namespace) -> int:
         artifact = load_artifact(args.file)
     except OSError as exc:
         raise ValueError(f"FILE cannot be read: {exc}") from None
-    report = audit(artifact, confidence=args.confidence, num_bootstrap=args.bootstrap,
-                   seed=args.seed)
+    report = audit(artifact, confidence=args.confidence)
     if args.plot:
         from dpkit.audit._plot import plot_audit
 
@@ -107,8 +103,7 @@ def _audit(args: argparse.Namespace) -> int:
               f"T={artifact.steps})")
         print(f"empirical epsilon: {est.epsilon:.4g} (one-shot, {artifact.threat_model}, "
               f"{est.num_canaries} canaries)")
-        print(f"lower bound:       {est.epsilon_lower:.4g} (bootstrap, confidence "
-              f"{est.confidence:g})")
+        print(f"lower bound:       {est.epsilon_lower:.4g} (confidence {est.confidence:g})")
         print(f"verdict:           {report.verdict.upper()}")
         if args.plot:
             print(f"plot written to {args.plot}")

@@ -15,7 +15,8 @@ formats carry the same keys:
 
 :func:`audit` compares the claimed ε (dpkit's PLD accountant on ``dpsgd_event(σ, q, T)``) with
 the one-shot estimate of Andrew et al. (ICLR 2024): the verdict is ``"violation"`` when the
-bootstrap LOWER end of ε̂ exceeds the claim, otherwise ``"consistent"``.
+LOWER confidence bound of ε̂ (:func:`dpkit.audit.one_shot_epsilon`) exceeds the claim, otherwise
+``"consistent"``.
 """
 
 from __future__ import annotations
@@ -223,14 +224,12 @@ def claimed_epsilon(noise_multiplier, sampling_rate, steps, delta) -> float:
         dpsgd_event(noise_multiplier, sampling_rate, steps)).epsilon(delta))
 
 
-def audit(artifact: AuditArtifact, *, confidence=0.95, num_bootstrap=1000, seed=0) -> AuditReport:
-    """Audit one run: claimed ε vs the one-shot estimate with its bootstrap lower bound.
+def audit(artifact: AuditArtifact, *, confidence=0.95) -> AuditReport:
+    """Audit one run: claimed ε vs the one-shot estimate and its lower confidence bound.
 
     Args:
         artifact: the :class:`AuditArtifact`.
-        confidence: level of the one-sided bootstrap bound (0, 1).
-        num_bootstrap: bootstrap resamples (0 or ≥ 100).
-        seed: bootstrap seed.
+        confidence: level in (0, 1) of the lower bound.
 
     Returns:
         :class:`AuditReport`.
@@ -246,7 +245,7 @@ def audit(artifact: AuditArtifact, *, confidence=0.95, num_bootstrap=1000, seed=
     estimate = one_shot_epsilon(
         artifact.canary_scores, delta=artifact.delta,
         null_scores=artifact.null_scores if dim is None else None, dim=dim,
-        confidence=confidence, num_bootstrap=num_bootstrap, seed=seed)
+        confidence=confidence)
     claim = claimed_epsilon(artifact.noise_multiplier, artifact.sampling_rate, artifact.steps,
                             artifact.delta)
     verdict = "violation" if estimate.epsilon_lower > claim else "consistent"

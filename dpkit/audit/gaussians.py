@@ -11,7 +11,7 @@ divergence
 is then a difference of Gaussian CDFs at those roots. (ε, δ)-indistinguishability needs BOTH
 directions, so :func:`gaussian_pair_delta` returns max(H_ε(P‖Q), H_ε(Q‖P)) and
 :func:`gaussian_pair_epsilon` inverts it. Everything is vectorised over the parameters so that a
-bootstrap can solve thousands of instances at once.
+confidence region can be searched in one call.
 """
 
 from __future__ import annotations

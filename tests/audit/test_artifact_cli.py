@@ -45,18 +45,18 @@ def test_audit_verdicts_against_independent_claim():
     acc.compose(dp_accounting.SelfComposedDpEvent(
         dp_accounting.PoissonSampledDpEvent(0.01, dp_accounting.GaussianDpEvent(1.0)), 1000))
     claim = acc.get_epsilon(1e-5)
-    weak = audit(_artifact(0.3), num_bootstrap=200)
+    weak = audit(_artifact(0.3))
     assert weak.claimed_epsilon == pytest.approx(claim, rel=1e-3)
     assert weak.verdict == "consistent"
-    strong = audit(_artifact(12.0), num_bootstrap=200)  # shift of 12 noise stds: ε̂ ≫ 1.8
+    strong = audit(_artifact(12.0))  # shift of 12 noise stds: ε̂ ≫ 1.8
     assert strong.verdict == "violation"
     assert strong.estimate.epsilon_lower > strong.claimed_epsilon
     # the report's estimate is exactly one_shot_epsilon on the artefact (final model: N(0, 1/d))
     art = _artifact(0.3)
-    ref = one_shot_epsilon(art.canary_scores, delta=1e-5, dim=D, num_bootstrap=200)
+    ref = one_shot_epsilon(art.canary_scores, delta=1e-5, dim=D)
     assert weak.estimate == ref
     # σ = 0 claims ε = ∞: nothing can violate it
-    assert audit(_artifact(12.0, noise_multiplier=0.0), num_bootstrap=0).verdict == "consistent"
+    assert audit(_artifact(12.0, noise_multiplier=0.0)).verdict == "consistent"
 
 
 @pytest.mark.parametrize("content, name", [
@@ -123,16 +123,15 @@ def test_cli_audit_text_json_plot_and_errors(tmp_path):
     good, bad = tmp_path / "good.json", tmp_path / "bad.npz"
     save_artifact(good, _artifact(0.3))
     save_artifact(bad, _artifact(12.0))
-    res = _dpkit("audit", str(good), "--bootstrap", "200", "--plot", str(tmp_path / "h.png"))
+    res = _dpkit("audit", str(good), "--plot", str(tmp_path / "h.png"))
     assert res.returncode == 0, res.stderr
     assert "CONSISTENT" in res.stdout
     assert (tmp_path / "h.png").stat().st_size > 1000
-    res = _dpkit("audit", str(bad), "--bootstrap", "200", "--json")
+    res = _dpkit("audit", str(bad), "--json")
     assert res.returncode == 1
     out = json.loads(res.stdout)
     assert out["verdict"] == "violation" and out["estimate"]["epsilon_lower"] > out["claimed_epsilon"]
     for args, name in [((str(tmp_path / "missing.json"),), "FILE"),
-                       ((str(good), "--bootstrap", "5"), "num_bootstrap"),
                        ((str(good), "--confidence", "2"), "confidence")]:
         res = _dpkit("audit", *args)
         assert res.returncode == 2 and name in res.stderr and "Traceback" not in res.stderr
