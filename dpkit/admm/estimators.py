@@ -168,17 +168,19 @@ class DPLogisticADMM(ClassifierMixin, _ADMMBase):
 
     def fit(self, X, y):
         """Fit on binary labels (any two values); returns self."""
-        X, y = _check_data(X, np.asarray(y).astype(float) if np.asarray(y).dtype != object else y)
-        classes = np.unique(y)
+        labels = np.asarray(y)
+        if labels.ndim != 1:
+            raise ValueError(f"y must be a 1-D array of labels; got shape {labels.shape}")
+        classes = np.unique(labels)
         if classes.size != 2:
             raise ValueError(f"y must contain exactly two classes; got {classes.size}")
+        X, signs = _check_data(X, np.where(labels == classes[1], 1.0, -1.0))
         alpha = v.non_negative("alpha", self.alpha)
         v.one_of("penalty", self.penalty, ("l1", "l2", "elasticnet"))
         l1_ratio = v.probability("l1_ratio", self.l1_ratio, allow_zero=True)
         reg = {"l2": lambda: l2_prox(alpha), "l1": lambda: l1_prox(alpha),
                "elasticnet": lambda: elastic_net_prox(alpha, l1_ratio)}[self.penalty]()
         self.classes_ = classes
-        signs = np.where(y == classes[1], 1.0, -1.0)
         return self._fit_admm(X, signs, logistic_loss_prox, reg)
 
     def decision_function(self, X):

@@ -56,6 +56,14 @@ def test_no_noise_logistic_matches_sklearn():
     np.testing.assert_allclose(m.predict_proba(X), ref.predict_proba(X), atol=1e-4)
 
 
+def test_logistic_accepts_string_labels():
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(80, 3))
+    y = np.where(X[:, 0] > 0, "spam", "ham")
+    m = DPLogisticADMM(alpha=0.01, epsilon=None, clip=None, max_iter=200, step=2.0).fit(X, y)
+    assert list(m.classes_) == ["ham", "spam"] and m.score(X, y) > 0.9
+
+
 def test_prox_operators_solve_their_problems():
     # each prox checked by its optimality condition / direct minimisation
     rng = np.random.default_rng(0)
