@@ -153,7 +153,11 @@ def private_admm(X, y, loss_prox, reg_prox, *, noise_multiplier, clip, variant="
 
     def update(idx, z, local_std):
         # one KM step for the users in idx (local noise for federated / decentralized)
-        x = loss_prox(2.0 * z - u[idx], step, X[idx], y[idx])
+        x = np.asarray(loss_prox(2.0 * z - u[idx], step, X[idx], y[idx]), dtype=float)
+        if x.shape != (idx.size, p) or not np.all(np.isfinite(x)):
+            # a non-finite proximal point would defeat the clipping (inf * 0 = NaN)
+            raise ValueError(f"loss_prox must return finite values of shape ({idx.size}, {p}); "
+                             f"got shape {x.shape}")
         du = 2.0 * lam * _clip_rows(x - z, L)
         if local_std > 0:
             du = du + local_std * rng.standard_normal(du.shape)
