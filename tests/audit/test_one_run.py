@@ -21,6 +21,21 @@ def test_bound_with_delta_zero_is_the_binomial_tail_quantile():
     assert tail(eps + 1e-3) > 0.05
 
 
+def test_bound_with_delta_matches_the_theorem_tail():
+    # Thm. 5.2 tail written independently: Σ_{j≤i} pmf(v − j) = P[v − i ≤ X < v], max over i
+    m, r, v, delta = 1000, 300, 240, 1e-4
+
+    def tail(e):
+        q = 1 / (1 + math.exp(-e))
+        partial = np.cumsum([binom.pmf(v - i, r, q) for i in range(1, v + 1)])
+        return binom.sf(v - 1, r, q) + 2 * m * delta * max(partial / np.arange(1, v + 1))
+
+    eps = one_run_epsilon_lower_bound(m, r, v, delta=delta)
+    assert eps > 0
+    assert tail(eps) <= 0.05 + 1e-9
+    assert tail(eps + 1e-3) > 0.05
+
+
 def test_bound_increases_with_correct_guesses_and_decreases_with_delta():
     bounds = [one_run_epsilon_lower_bound(1000, 200, v) for v in range(100, 201, 10)]
     assert bounds[0] == 0.0
