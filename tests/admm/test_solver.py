@@ -215,7 +215,7 @@ BASE = dict(noise_multiplier=1.0, clip=1.0)
     (dict(X=np.full((20, 3), np.nan)), ValueError, "finite"),
     (dict(loss_prox="squared"), TypeError, "loss_prox"),
     (dict(loss_prox=lambda V, step, X, y: V[:, :2]), ValueError, "loss_prox"),
-    (dict(loss_prox=lambda V, step, X, y: V * np.inf), ValueError, "loss_prox"),
+    (dict(loss_prox=lambda V, step, X, y: np.full_like(V, np.inf)), ValueError, "loss_prox"),
 ])
 def test_private_admm_invalid_inputs(kwargs, exc, word):
     args = dict(BASE, X=X0, y=Y0, loss_prox=squared_loss_prox, reg_prox=l1_prox(0.1))
