@@ -11,6 +11,7 @@ from importlib import import_module
 from dpkit.mechanisms.matrix.sensitivity import Participation, sensitivity, workload_errors
 from dpkit.mechanisms.matrix.strategies import (
     BandedStrategy,
+    DenseStrategy,
     BLTStrategy,
     Strategy,
     ToeplitzStrategy,
@@ -19,6 +20,7 @@ from dpkit.mechanisms.matrix.strategies import (
     binary_tree,
     blt,
     identity,
+    multi_epoch,
     toeplitz_sqrt,
 )
 from dpkit.mechanisms.matrix.workloads import momentum_prefix_sum, prefix_sum
@@ -26,7 +28,8 @@ from dpkit.mechanisms.matrix.workloads import momentum_prefix_sum, prefix_sum
 _LAZY = {"CorrelatedNoise": "streaming", "CyclicPoissonSampler": "participation"}
 
 __all__ = sorted([
-    "Participation", "sensitivity", "workload_errors", "Strategy", "BandedStrategy",
+    "Participation", "sensitivity", "workload_errors", "Strategy", "BandedStrategy", "DenseStrategy",
+    "multi_epoch",
     "BLTStrategy", "ToeplitzStrategy", "TreeStrategy", "banded", "binary_tree", "blt", "identity",
     "toeplitz_sqrt", "momentum_prefix_sum", "prefix_sum", *_LAZY])
 

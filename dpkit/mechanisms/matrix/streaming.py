@@ -11,6 +11,7 @@ banded     w_t = (z_t − Σ_{k=1}^{b−1} C[t,t−k] w_{t−k}) / C[t,t]   b �
 blt        w_t = z_t + Σ_j ω_j s_j;  s_j ← θ_j s_j + z_t           d buffers
 tree       stack of completed-node estimates; w_t = P_t − P_{t−1}  ≤ log2(n) + 2
 toeplitz   w_t = Σ_{k≤t} r_{t−k} z_k (z_k regenerated)             none (O(t) time per step)
+dense      w_t = Σ_{k≤t} C⁻¹[t, k] z_k (z_k regenerated)           none (O(t) time per step)
 =========  ======================================================  ==========================
 """
 
@@ -166,6 +167,14 @@ class CorrelatedNoise(NoiseMechanism):
             if r[t - k] != 0.0:
                 for o, zi in zip(out, self._z(k, like, None)):
                     o.add_(zi.to(o.dtype), alpha=float(r[t - k]))
+        return out
+
+    def _step_dense(self, t, like, dtypes):
+        row = self.strategy._M[t]
+        out = [torch.zeros(ref.shape, dtype=dt, device=ref.device) for ref, dt in zip(like, dtypes)]
+        for k in np.nonzero(row[:t + 1])[0]:
+            for o, zi in zip(out, self._z(int(k), like, None)):
+                o.add_(zi.to(o.dtype), alpha=float(row[k]))
         return out
 
     def _step_tree(self, t, like, dtypes):

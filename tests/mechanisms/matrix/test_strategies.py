@@ -4,15 +4,17 @@ import numpy as np
 import pytest
 
 from dpkit.mechanisms.matrix import (
-    BandedStrategy, BLTStrategy, ToeplitzStrategy, banded, binary_tree, blt, identity,
-    momentum_prefix_sum, prefix_sum, toeplitz_sqrt, workload_errors)
+    BandedStrategy, BLTStrategy, DenseStrategy, Participation, ToeplitzStrategy, banded,
+    binary_tree, blt, identity, momentum_prefix_sum, multi_epoch, prefix_sum, toeplitz_sqrt,
+    workload_errors)
 
 N = 23  # not a power of two: exercises incomplete trees
 
 
 def _strategies(n=N):
     return [identity(n), binary_tree(n, honaker=False), binary_tree(n, honaker=True),
-            banded(n, 3), banded(n, 5, normalize_columns=False), toeplitz_sqrt(n), blt(n, 2)]
+            banded(n, 3), banded(n, 5, normalize_columns=False), toeplitz_sqrt(n), blt(n, 2),
+            multi_epoch(n, 4, maxiter=20)]
 
 
 @pytest.mark.parametrize("strategy", _strategies(), ids=lambda s: s.name)
@@ -100,7 +102,28 @@ def test_banded_optimisation_improves_on_start_and_identity():
     np.testing.assert_allclose(np.linalg.norm(banded(n, 4).encoder(), axis=0), 1.0)
 
 
+@pytest.mark.parametrize("constraint, participation", [
+    ("cyclic", Participation.cyclic(4)), ("min_separation", Participation.min_separation(4, 8))])
+def test_multi_epoch_beats_or_equals_banded_on_its_objective(constraint, participation):
+    n, b = 32, 4
+    A = prefix_sum(n)
+    me, bd = multi_epoch(n, b, constraint=constraint), banded(n, b)
+
+    def objective(C):  # dense, independent: sens² × ‖A C⁻¹‖_F² (sens² = 8 for both, checked)
+        return np.linalg.norm(A @ np.linalg.inv(C)) ** 2 * 8
+
+    assert me.sensitivity(participation) ** 2 == pytest.approx(8)
+    assert bd.sensitivity(participation) ** 2 == pytest.approx(8)
+    assert objective(me.encoder()) <= objective(bd.encoder()) * (1 + 1e-9)
+    np.testing.assert_allclose(np.linalg.norm(me.encoder(), axis=0), 1.0, atol=1e-9)
+    if constraint == "cyclic":  # strictly better than BandMF when cross-epoch entries are free
+        assert objective(me.encoder()) < 0.99 * objective(bd.encoder())
+
+
 @pytest.mark.parametrize("call, exc", [
+    (lambda: multi_epoch(8, 9), ValueError),
+    (lambda: multi_epoch(8, 2, constraint="none"), ValueError),
+    (lambda: DenseStrategy(np.triu(np.ones((3, 3)))), ValueError),
     (lambda: banded(0, 1), ValueError),
     (lambda: banded(10, 11), ValueError),
     (lambda: banded(10, 2.5), TypeError),

@@ -6,7 +6,7 @@ import torch
 from scipy import stats
 
 from dpkit.mechanisms.matrix import (CorrelatedNoise, Participation, banded, binary_tree, blt,
-                                     identity, toeplitz_sqrt)
+                                     identity, multi_epoch, toeplitz_sqrt)
 from dpkit.mechanisms.matrix.streaming import counter_normal, dense_noise_matrix
 from dpkit.mechanisms.noise import NoiseMechanism
 
@@ -15,7 +15,7 @@ N = 21
 
 def _strategies():
     return [identity(N), binary_tree(N, honaker=False), binary_tree(N, honaker=True),
-            banded(N, 4), toeplitz_sqrt(N), blt(N, 3)]
+            banded(N, 4), toeplitz_sqrt(N), blt(N, 3), multi_epoch(N, 3, maxiter=10)]
 
 
 def _stream(noise, like, steps):
