@@ -1,0 +1,43 @@
+"""Federated learning with user-level DP: in-process simulator, DP-FedAvg, canaries, Flower adapter.
+
+* :class:`DPFedAvg` — the server mechanism (McMahan et al., ICLR 2018): Poisson client sampling
+  with rate q, update clipping, Gaussian noise on the SUM, division by the public q·M, any server
+  optimizer (:class:`FedAdam`, Reddi et al., ICLR 2021), accounting of ``dpsgd_event(z, q)`` per
+  round, optional :class:`AdaptiveClipping` (Andrew et al., NeurIPS 2021) with its count release
+  accounted jointly.
+* :class:`FederatedSimulation` — clients trained in process, progress bar, JSON-lines log, canary
+  clients (:class:`Canaries`, Andrew et al., ICLR 2024) for a one-shot ε̂.
+* Data: :func:`dirichlet_partition`, :func:`digits_clients`, :func:`synthetic_clients`.
+* Flower: ``dpkit.federated.flower`` (optional; ``pip install dpkit[flower]``), never imported here.
+"""
+
+from importlib import import_module
+
+_PUBLIC = {
+    "DPFedAvg": "dp_fedavg",
+    "FederatedSimulation": "simulation",
+    "LocalTrainer": "client",
+    "federated_parameters": "client",
+    "AdaptiveClipping": "adaptive",
+    "update_noise_multiplier": "adaptive",
+    "joint_noise_multiplier": "adaptive",
+    "FedAdam": "server_opt",
+    "make_server_optimizer": "server_opt",
+    "Canaries": "canaries",
+    "FederatedData": "data",
+    "dirichlet_partition": "data",
+    "digits_clients": "data",
+    "synthetic_clients": "data",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name):
+    if name in _PUBLIC:
+        return getattr(import_module(f"{__name__}.{_PUBLIC[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

@@ -1,0 +1,230 @@
+"""DP-FedAvg with user-level DP: client sampling, update clipping, noise, accounting — one object.
+
+McMahan, Ramage, Talwar, Zhang, "Learning Differentially Private Recurrent Language Models",
+ICLR 2018, Alg. 1 (DP-FedAvg) with the fixed-denominator estimator f̃_f (Sec. 2, Eq. 1):
+
+    round t:  C_t ← Poisson sample: each of the M users independently with probability q
+              Δ_k ← UserUpdate(k, θ_t) clipped to L2 norm ≤ S_t           (for k in C_t)
+              Δ̄_t = ( Σ_k clip(Δ_k) + N(0, (z_Δ·S_t)² I) ) / (q·M)      (PUBLIC denominator)
+              θ_{t+1} ← server_optimizer(θ_t, pseudo-gradient −Δ̄_t)
+
+One user changes the clipped sum by at most S_t (add/remove adjacency: the user's whole data), so
+each round is the Poisson-subsampled Gaussian mechanism and the accountant composes
+``dpsgd_event(z, q)`` per round — the SAME q that drew the cohort. With adaptive clipping
+(Andrew et al., NeurIPS 2021; :mod:`dpkit.federated.adaptive`) the noisy centred clipped count is
+released too; z is then the joint noise multiplier and the update noise z_Δ is raised to match.
+An empty cohort is a round like any other: the noise is added and the round is accounted.
+
+The sampler, the noise and the event are built here from the same settings; the in-process
+simulator and the Flower strategy both drive this object, so they cannot disagree.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import torch
+
+from dpkit import _validate
+from dpkit.accountants import dpsgd_event, make_accountant
+from dpkit.accountants.base import Accountant
+from dpkit.federated import _seeds
+from dpkit.federated.adaptive import AdaptiveClipping, update_noise_multiplier
+from dpkit.federated.server_opt import make_server_optimizer
+from dpkit.mechanisms.noise import GaussianNoise
+
+
+class DPFedAvg:
+    """Server side of DP-FedAvg (McMahan et al., ICLR 2018, Alg. 1) with user-level DP.
+
+    Usage per round: ``cohort = server.sample_cohort()``; collect each sampled client's update
+    Δ_k; ``server.aggregate({k: Δ_k})``. ``server.params`` is the released global model.
+
+    Args:
+        params: the initial global model, a sequence of tensors (copied).
+        num_clients: population size M ≥ 1 (public; clients indexed 0..M−1).
+        sampling_rate: Poisson client-sampling rate q in (0, 1].
+        noise_multiplier: z ≥ 0, the noise multiplier the accountant sees (noise std z·S on the
+            clipped sum; with adaptive clipping the joint multiplier, see the module docstring).
+        clip_norm: S > 0, the L2 bound on each user's update (the initial value if adaptive).
+        server_optimizer: ``"fedavg"``, ``"fedadam"`` or a factory ``params -> torch.optim.Optimizer``
+            (see :func:`dpkit.federated.server_opt.make_server_optimizer`).
+        adaptive_clipping: an :class:`~dpkit.federated.adaptive.AdaptiveClipping`, or None for a fixed S.
+        accountant: registered accountant name (default ``"pld"``) or a fresh Accountant.
+        seed: integer seed of every random stream (sampling, noise), or None with
+            ``secure_mode=True``.
+        secure_mode: draw sampling and noise from OS entropy (:class:`GaussianNoise` secure mode);
+            the run is then not reproducible and ``seed`` must be None.
+
+    Raises:
+        ValueError, TypeError: an argument of the wrong kind or out of range.
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], *, num_clients, sampling_rate, noise_multiplier,
+                 clip_norm, server_optimizer="fedavg", adaptive_clipping: AdaptiveClipping | None = None,
+                 accountant="pld", seed=0, secure_mode=False):
+        if isinstance(params, torch.Tensor) or not all(isinstance(p, torch.Tensor) for p in params):
+            raise TypeError("params must be a sequence of tensors (the global model's parameters)")
+        if len(params) == 0:
+            raise ValueError("params must contain at least one tensor")
+        if not isinstance(secure_mode, bool):
+            raise TypeError(f"secure_mode must be a bool; got {secure_mode!r}")
+        if secure_mode and seed is not None:
+            raise ValueError(f"seed must be None with secure_mode=True (randomness comes from OS entropy); got {seed!r}")
+        if not secure_mode:
+            seed = _validate.positive_int("seed", seed, allow_zero=True)
+        self.seed, self.secure_mode = seed, secure_mode
+        self.num_clients = _validate.positive_int("num_clients", num_clients)
+        self.sampling_rate = _validate.probability("sampling_rate", sampling_rate)
+        self.noise_multiplier = _validate.non_negative("noise_multiplier", noise_multiplier)
+        self.clip_norm = _validate.positive("clip_norm", clip_norm)
+        if adaptive_clipping is not None and not isinstance(adaptive_clipping, AdaptiveClipping):
+            raise TypeError(f"adaptive_clipping must be an AdaptiveClipping or None; got {type(adaptive_clipping).__name__}")
+        self.adaptive_clipping = adaptive_clipping
+        self.expected_cohort = self.sampling_rate * self.num_clients  # public normaliser q·M
+        if adaptive_clipping is not None:
+            self.count_stddev = adaptive_clipping.resolve_count_stddev(self.expected_cohort)
+            self.update_noise_multiplier = update_noise_multiplier(self.noise_multiplier, self.count_stddev)
+        else:
+            self.count_stddev = None
+            self.update_noise_multiplier = self.noise_multiplier
+        self.accountant = _fresh_accountant(accountant)
+        self.step_event = dpsgd_event(self.noise_multiplier, self.sampling_rate, 1)
+        if not self.accountant.supports(self.step_event):
+            raise ValueError(f"accountant {self.accountant.name!r} cannot account Poisson-sampled rounds")
+        self.params = [p.detach().clone() for p in params]
+        self.server_optimizer = make_server_optimizer(server_optimizer, self.params)
+        self.round = 0            # rounds completed
+        self._cohort = None       # (round, cohort) sampled for the current round
+
+    # ------------------------------------------------------------------ sampling
+    def sample_cohort(self) -> list[int]:
+        """The sorted client indices Poisson-sampled (rate q) for the current round.
+
+        Counter-based: the cohort of round t depends only on (seed, t), and repeated calls within
+        a round return the same cohort. It may be empty.
+        """
+        if self._cohort is None or self._cohort[0] != self.round:
+            g = _seeds.generator(None if self.secure_mode else self.seed, _seeds.SAMPLING, self.round)
+            mask = torch.rand(self.num_clients, generator=g, dtype=torch.float64) < self.sampling_rate
+            self._cohort = (self.round, mask.nonzero().flatten().tolist())
+        return list(self._cohort[1])
+
+    # ------------------------------------------------------------------ aggregation
+    @torch.no_grad()
+    def aggregate(self, updates: Mapping[int, Sequence[torch.Tensor]]) -> dict:
+        """Clip, sum, noise, normalise by q·M, step the server optimizer, account; ends the round.
+
+        Args:
+            updates: client index → Δ_k (tensors shaped like ``params``) for clients of THIS
+                round's cohort; missing sampled clients (drop-outs) contribute nothing.
+
+        Returns:
+            A dict of the round's public outputs: ``round`` (1-based), ``clip_norm`` (S_t used),
+            ``noisy_unclipped_fraction`` (adaptive only, else None), ``update_norm`` (‖Δ̄_t‖),
+            and ``nonprivate`` diagnostics a deployment must NOT release (``cohort_size``,
+            ``reporting_clients``, ``unclipped_fraction``).
+
+        Raises:
+            ValueError: an update from a client not sampled this round, or a malformed update.
+        """
+        cohort = set(self.sample_cohort())
+        for k in updates:
+            if k not in cohort:
+                raise ValueError(f"updates must come from this round's sampled clients; client {k!r} "
+                                 f"was not sampled in round {self.round}")
+        clip = self.clip_norm
+        sums = [torch.zeros_like(p) for p in self.params]
+        centred_count = 0.0
+        unclipped = 0
+        for k in sorted(updates):  # fixed order: the simulator and Flower give identical floats
+            delta = self._check_update(k, updates[k])
+            norm = math.sqrt(sum(float(d.double().square().sum()) for d in delta))
+            if not math.isfinite(norm):
+                raise ValueError(f"updates[{k}] must be finite; got norm {norm}")
+            factor = min(1.0, clip / norm) if norm > 0 else 1.0
+            for s, d in zip(sums, delta):
+                s.add_(d, alpha=factor)
+            unclipped += norm <= clip
+            centred_count += (1.0 if norm <= clip else 0.0) - 0.5
+        if self.update_noise_multiplier > 0:
+            std = self.update_noise_multiplier * clip
+            noise = self._noise(_seeds.NOISE).sample(self.round, self.params)
+            for s, z in zip(sums, noise):
+                s.add_(z, alpha=std)
+        mean = [s / self.expected_cohort for s in sums]
+        for p, m in zip(self.params, mean):
+            p.grad = -m
+        self.server_optimizer.step()
+        for p in self.params:
+            p.grad = None
+        fraction = None
+        if self.adaptive_clipping is not None:
+            noisy = centred_count + self.count_stddev * float(
+                self._noise(_seeds.COUNT_NOISE).sample(self.round, [torch.zeros((), dtype=torch.float64)])[0])
+            self.clip_norm, fraction = self.adaptive_clipping.next_clip(clip, noisy, self.expected_cohort)
+        self.accountant.compose(self.step_event)
+        info = {
+            "round": self.round + 1,  # 1-based: rounds completed, as Flower's server_round
+            "clip_norm": clip,
+            "noisy_unclipped_fraction": fraction,
+            "update_norm": math.sqrt(sum(float(m.double().square().sum()) for m in mean)),
+            "nonprivate": {"cohort_size": len(cohort), "reporting_clients": len(updates),
+                           "unclipped_fraction": unclipped / len(updates) if updates else None},
+        }
+        self.round += 1
+        return info
+
+    def _noise(self, purpose: int) -> GaussianNoise:
+        if self.secure_mode:
+            return GaussianNoise(secure_mode=True)
+        return GaussianNoise(_seeds.generator(self.seed, purpose, self.round))
+
+    def _check_update(self, k, delta) -> list[torch.Tensor]:
+        if isinstance(delta, torch.Tensor) or len(delta) != len(self.params):
+            raise ValueError(f"updates[{k}] must be a sequence of {len(self.params)} tensors")
+        out = []
+        for i, (d, p) in enumerate(zip(delta, self.params)):
+            if not isinstance(d, torch.Tensor) or d.shape != p.shape:
+                raise ValueError(f"updates[{k}][{i}] must be a tensor of shape {tuple(p.shape)}; "
+                                 f"got {getattr(d, 'shape', type(d).__name__)}")
+            out.append(d.to(p.dtype))
+        return out
+
+    # ------------------------------------------------------------------ accounting
+    def epsilon(self, delta) -> float:
+        """ε spent by the rounds run so far, at ``delta`` (user-level, add/remove one user)."""
+        return self.accountant.epsilon(_validate.delta("delta", delta))
+
+    def state_dict(self) -> dict:
+        """Round counter, current clip norm, global model, server optimizer and ledger."""
+        return {"round": self.round, "clip_norm": self.clip_norm,
+                "params": [p.clone() for p in self.params],
+                "server_optimizer": self.server_optimizer.state_dict(),
+                "accountant": self.accountant.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` (build the object with the same settings first)."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict from state_dict(); got {type(state).__name__}")
+        with torch.no_grad():
+            for p, q in zip(self.params, state["params"]):
+                p.copy_(q)
+        self.server_optimizer.load_state_dict(state["server_optimizer"])
+        self.accountant.load_state_dict(state["accountant"])
+        self.round, self.clip_norm, self._cohort = int(state["round"]), float(state["clip_norm"]), None
+
+    def __repr__(self):
+        return (f"DPFedAvg(num_clients={self.num_clients}, sampling_rate={self.sampling_rate}, "
+                f"noise_multiplier={self.noise_multiplier}, clip_norm={self.clip_norm}, round={self.round})")
+
+
+def _fresh_accountant(accountant) -> Accountant:
+    if isinstance(accountant, Accountant):
+        if accountant.ledger:
+            raise ValueError("accountant must be fresh (empty ledger); pass a new one or a name")
+        return accountant
+    if not isinstance(accountant, str):
+        raise TypeError(f"accountant must be a name or an Accountant; got {type(accountant).__name__}")
+    return make_accountant(accountant)
