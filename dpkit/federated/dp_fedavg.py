@@ -21,6 +21,7 @@ simulator and the Flower strategy both drive this object, so they cannot disagre
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Mapping, Sequence
 
@@ -201,7 +202,9 @@ class DPFedAvg:
         """Round counter, current clip norm, global model, server optimizer and ledger."""
         return {"round": self.round, "clip_norm": self.clip_norm,
                 "params": [p.clone() for p in self.params],
-                "server_optimizer": self.server_optimizer.state_dict(),
+                # deep copy: torch returns live references to its state tensors, and its
+                # load_state_dict reuses them, so two servers would otherwise share moments
+                "server_optimizer": copy.deepcopy(self.server_optimizer.state_dict()),
                 "accountant": self.accountant.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -211,7 +214,7 @@ class DPFedAvg:
         with torch.no_grad():
             for p, q in zip(self.params, state["params"]):
                 p.copy_(q)
-        self.server_optimizer.load_state_dict(state["server_optimizer"])
+        self.server_optimizer.load_state_dict(copy.deepcopy(state["server_optimizer"]))
         self.accountant.load_state_dict(state["accountant"])
         self.round, self.clip_norm, self._cohort = int(state["round"]), float(state["clip_norm"]), None
 
