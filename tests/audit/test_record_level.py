@@ -38,6 +38,26 @@ def test_error_term_bounds_the_one_step_approximation(p, sigma):
     assert approximation_error(sigma, 1.0, 10) == 0.0
 
 
+@pytest.mark.parametrize("p, sigma", [(0.1, 1.0), (0.5, 0.5)])
+def test_error_term_over_many_steps(p, sigma):
+    # T-fold product of one world vs its Gaussian approximation: a LOWER bound on the true TV
+    # (binning is post-processing; dp_accounting's optimistic PLD under-estimates δ(0)) must stay
+    # below the √T error term. An error term without the √T growth would fail at T = 64.
+    from dp_accounting.pld import privacy_loss_distribution as pld_lib
+
+    edges = np.linspace(-12 * sigma, 1 + 12 * sigma, 2001)
+    mix = (1 - p) * np.diff(norm.cdf(edges, 0, sigma)) + p * np.diff(norm.cdf(edges, 1, sigma))
+    gauss = np.diff(norm.cdf(edges, p, sigma))
+    keep = np.flatnonzero((mix > 0) & (gauss > 0))
+    pld = pld_lib.from_two_probability_mass_functions(
+        {i: np.log(mix[i]) for i in keep}, {i: np.log(gauss[i]) for i in keep},
+        pessimistic_estimate=False, value_discretization_interval=1e-3)
+    for steps in (4, 64):
+        tv_lower = float(pld.self_compose(steps).get_delta_for_epsilon(0.0))
+        assert tv_lower <= approximation_error(sigma, p, steps)
+    assert tv_lower > approximation_error(sigma, p, 1)  # grows: the T-dependence matters
+
+
 def test_attribute_inference_reduces_to_mia_and_matches_the_shift():
     sigma, p, steps, clip = 1.3, 0.05, 40, 2.0
     ones = np.full(steps, clip)
