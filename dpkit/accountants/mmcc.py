@@ -43,7 +43,7 @@ import dataclasses
 import math
 
 import numpy as np
-from scipy import optimize, sparse, special, stats
+from scipy import optimize, sparse, special
 
 from dp_accounting import dp_event as _dpe
 
@@ -318,8 +318,8 @@ def gaussian_delta(mu: float, epsilon: float) -> float:
     """Exact δ(ε) of the Gaussian mechanism with sensitivity/σ = ``mu`` (Balle & Wang 2018, Thm 8)."""
     if mu == 0:
         return 0.0
-    return float(stats.norm.cdf(-epsilon / mu + mu / 2)
-                 - math.exp(epsilon) * stats.norm.cdf(-epsilon / mu - mu / 2)) if epsilon < 700 else 0.0
+    return float(special.ndtr(-epsilon / mu + mu / 2)
+                 - math.exp(epsilon) * special.ndtr(-epsilon / mu - mu / 2)) if epsilon < 700 else 0.0
 
 
 def gaussian_epsilon(mu: float, delta: float) -> float:

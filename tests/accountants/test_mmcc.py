@@ -211,3 +211,24 @@ def test_accountant_methods_order():
 def test_invalid_inputs(call, exc):
     with pytest.raises(exc):
         call()
+
+
+def test_mmcc_and_numpy_strategies_import_without_torch():
+    # a meta-path blocker (sys.modules['torch'] = None trips scipy's array-API helpers instead)
+    import subprocess
+    import sys
+    code = ("import sys, importlib.abc\n"
+            "class Block(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] == 'torch': raise ImportError('torch blocked')\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "import numpy as np\n"
+            "from dpkit.accountants import mmcc_epsilon\n"
+            "from dpkit.accountants.mmcc import MatrixMechanismAccountant\n"
+            "from dpkit.mechanisms.matrix import banded\n"
+            "C = banded(6, 2).encoder()\n"
+            "assert mmcc_epsilon(C, noise_multiplier=2.0, sampling_prob=0.1, delta=1e-5,"
+            " value_discretization_interval=1e-2) > 0\n"
+            "MatrixMechanismAccountant(C, noise_multiplier=2.0, sampling_prob=0.1)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
