@@ -76,8 +76,8 @@ def train(method, data, *, epochs, batch, epsilon, delta, bands, lr, seed):
         noise = CorrelatedNoise(strategy, seed=seed, participation=Participation.cyclic(steps_per_epoch))
         mu = optimize.brentq(lambda m: gaussian_epsilon(m, delta) - epsilon, 1e-6, 50.0)
         sigma = 1.0 / mu
-        acc = MatrixMechanismAccountant(np.eye(n), noise_multiplier=sigma, sampling_prob=1.0,
-                                        method="unamplified")  # the encoder is not used by this method
+        acc = MatrixMechanismAccountant(strategy, noise_multiplier=sigma, sampling_prob=1.0,
+                                        sensitivity=noise.sensitivity, method="unamplified")
         model, opt, _ = dpkit.make_private(model, opt, None, noise_multiplier=sigma, sample_rate=1.0,
                                            expected_batch_size=N / steps_per_epoch, noise=noise,
                                            accountant=acc, **kw)

@@ -423,7 +423,8 @@ class MatrixMechanismAccountant(Accountant):
       schema of the whole run, hence every prefix — conservative for partial runs).
 
     Args:
-        encoder: ``(n, n)`` encoder C (array-like, or an object with ``encoder()``).
+        encoder: ``(n, n)`` encoder C (array-like, or an object with ``encoder()``); for
+            ``method="unamplified"`` any ``(m, n)`` encoder (e.g. a tree) is accepted.
         noise_multiplier: σ of the training run.
         sampling_prob: q of the composed step events (1 = no sampling).
         sensitivity: the sensitivity the noise was standardised with (``CorrelatedNoise.sensitivity``).
@@ -448,9 +449,12 @@ class MatrixMechanismAccountant(Accountant):
         if hasattr(encoder, "encoder") and callable(encoder.encoder):
             encoder = encoder.encoder()
         C = np.asarray(encoder, dtype=float)
-        if C.ndim != 2 or C.shape[0] != C.shape[1] or C.size == 0 or not np.all(np.isfinite(C)):
-            raise ValueError(f"encoder must be a finite square matrix; got shape {C.shape}")
         self.method = _validate.one_of("method", method, _METHODS)
+        # the unamplified analysis only needs n (columns); the others need a square C
+        square_ok = self.method == "unamplified" or C.shape[0] == C.shape[1]
+        if C.ndim != 2 or not square_ok or C.size == 0 or not np.all(np.isfinite(C)):
+            raise ValueError("encoder must be a finite 2-D matrix (square unless "
+                             f"method='unamplified'); got shape {C.shape}")
         if self.method == "mmcc":
             _check_encoder(C)
         self.noise_multiplier = _validate.positive("noise_multiplier", noise_multiplier)
@@ -490,8 +494,8 @@ class MatrixMechanismAccountant(Accountant):
 
     def _prefix(self):
         t = self.steps
-        if t > self._C.shape[0]:
-            raise ValueError(f"steps must be <= the encoder's n={self._C.shape[0]}; "
+        if t > self._C.shape[1]:
+            raise ValueError(f"steps must be <= the encoder's n={self._C.shape[1]}; "
                              f"{t} steps were composed")
         return self._C[:t, :t] / self.sensitivity
 

@@ -183,6 +183,12 @@ def test_accountant_methods_order():
         eps[method] = acc.epsilon(1e-5)
     assert eps["banded"] < eps["unamplified"]
     assert eps["unamplified"] == pytest.approx(gaussian_epsilon(1 / 3.0, 1e-5))
+    # unamplified accepts non-square encoders (tree): only the step count matters
+    tree = np.tril(np.ones((7, 4)))
+    acc = MatrixMechanismAccountant(tree, method="unamplified", noise_multiplier=3.0,
+                                    sampling_prob=1.0)
+    acc.compose(dpsgd_event(3.0, 1.0, 4))
+    assert acc.epsilon(1e-5) == pytest.approx(eps["unamplified"])
 
 
 @pytest.mark.parametrize("call, exc", [
@@ -205,6 +211,8 @@ def test_accountant_methods_order():
     (lambda: MatrixMechanismAccountant(np.eye(2), noise_multiplier=1, sampling_prob=0.1,
                                        neighboring_relation="replace_one"), ValueError),
     (lambda: MatrixMechanismAccountant(np.ones(3), noise_multiplier=1, sampling_prob=0.1), ValueError),
+    (lambda: MatrixMechanismAccountant(np.ones((2, 3)), noise_multiplier=1, sampling_prob=0.1,
+                                       method="banded"), ValueError),
     (lambda: MatrixMechanismAccountant(np.eye(2), noise_multiplier=1, sampling_prob=0.1,
                                        mmcc_options=[1]), TypeError),
 ])
