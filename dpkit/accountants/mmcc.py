@@ -451,7 +451,7 @@ class MatrixMechanismAccountant(Accountant):
         C = np.asarray(encoder, dtype=float)
         self.method = _validate.one_of("method", method, _METHODS)
         # the unamplified analysis only needs n (columns); the others need a square C
-        square_ok = self.method == "unamplified" or C.shape[0] == C.shape[1]
+        square_ok = C.ndim == 2 and (self.method == "unamplified" or C.shape[0] == C.shape[1])
         if C.ndim != 2 or not square_ok or C.size == 0 or not np.all(np.isfinite(C)):
             raise ValueError("encoder must be a finite 2-D matrix (square unless "
                              f"method='unamplified'); got shape {C.shape}")
