@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 from scipy.optimize import brentq
-from scipy.stats import binom, norm
+from scipy.stats import binom
 
 from dpkit.audit import (clopper_pearson_interval, many_runs_epsilon_lower_bound,
                          one_run_epsilon_lower_bound, one_run_guesses)
