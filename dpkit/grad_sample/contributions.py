@@ -70,12 +70,20 @@ class LinearWeightGrad:
     def clipped_sum(self, c):
         if self._explicit is not None:
             return torch.einsum("bkpd,b->kpd", self._explicit, c.to(self._explicit.dtype)).reshape(self.weight_shape)
-        gc = self.g * c.to(self.g.dtype).view(-1, 1, 1, 1)
-        return torch.einsum("bktp,bktd->kpd", gc, self.a).reshape(self.weight_shape)
+        # aᵀ diag(c) g: scale whichever operand is smaller, then one matrix product per block
+        dt = torch.promote_types(self.a.dtype, self.g.dtype)  # autocast: bf16 grads, fp32 inputs
+        c = c.to(dt).view(-1, 1, 1, 1)
+        a, g = self.a.to(dt), self.g.to(dt)
+        a, g = (a * c, g) if a.shape[3] <= g.shape[3] else (a, g * c)
+        B, K, T = a.shape[:3]
+        a = a.transpose(0, 1).reshape(K, B * T, a.shape[3])
+        g = g.transpose(0, 1).reshape(K, B * T, g.shape[3])
+        return torch.bmm(g.transpose(1, 2), a).reshape(self.weight_shape)
 
     def _blocks(self):
         if self._explicit is None:
-            self._explicit = torch.einsum("bktp,bktd->bkpd", self.g, self.a)
+            dt = torch.promote_types(self.a.dtype, self.g.dtype)
+            self._explicit = torch.einsum("bktp,bktd->bkpd", self.g.to(dt), self.a.to(dt))
         return self._explicit
 
     def instantiate(self):
@@ -107,11 +115,23 @@ class EmbeddingRowGrad:
 
     path = "embedding_rows"
 
-    def __init__(self, example, rows, grads, batch_size, shape):
+    def __init__(self, example, rows, grads, batch_size, shape, positions=None):
         self.example, self.rows, self.grads = example, rows, grads
         self.batch_size, self.shape = batch_size, shape
+        # optional dense layout (ids (B, T), grads (B, T, d), padding mask) for short sequences
+        self.positions = positions
+
+    def _norm_sq_gram(self):
+        """Σ_{t,t'} [id_t = id_t'] ⟨g_t, g_t'⟩ per example with T×T Gram matrices (short sequences)."""
+        ids, g, keep = self.positions
+        dt = _norm_dtype(g)
+        g = (g * keep.unsqueeze(-1)).to(dt)
+        same = (ids.unsqueeze(2) == ids.unsqueeze(1)).to(dt)
+        return (torch.bmm(g, g.transpose(1, 2)) * same).sum(dim=(1, 2))
 
     def norm_sq(self):
+        if self.positions is not None:
+            return self._norm_sq_gram()
         num_rows = self.shape[0]
         key = self.example * num_rows + self.rows
         unique, inverse = torch.unique(key, return_inverse=True)
@@ -122,8 +142,14 @@ class EmbeddingRowGrad:
         return out.index_add_(0, unique // num_rows, summed.pow(2).sum(1))
 
     def clipped_sum(self, c):
-        out = torch.zeros(self.shape, dtype=self.grads.dtype, device=self.grads.device)
-        return out.index_add_(0, self.rows, self.grads * c.to(self.grads.dtype)[self.example].unsqueeze(1))
+        weighted = self.grads * c.to(self.grads.dtype)[self.example].unsqueeze(1)
+        # the embedding layer's own (sorted, parallel) backward kernel: far faster than index_add_
+        # when many lookups hit the same rows
+        return torch.ops.aten.embedding_dense_backward(weighted, self.rows, self.shape[0], -1, False)
+
+    def clipped_rows(self, c):
+        """Σ_i c_i G_i kept sparse: (row ids, (n, d) scaled row gradients), rows may repeat."""
+        return self.rows, self.grads * c.to(self.grads.dtype)[self.example].unsqueeze(1)
 
     def instantiate(self):
         num_rows = self.shape[0]
@@ -134,13 +160,20 @@ class EmbeddingRowGrad:
 
     def zero_examples(self, bad):
         self.grads = torch.where(bad[self.example].unsqueeze(1), 0, self.grads)
+        if self.positions is not None:
+            ids, g, keep = self.positions
+            self.positions = (ids, torch.where(_expand(bad, g), 0, g), keep)
 
     @staticmethod
     def concat(parts: list["EmbeddingRowGrad"]) -> "EmbeddingRowGrad":
         if len(parts) == 1:
             return parts[0]
+        positions = None
+        if all(p.positions is not None for p in parts):  # several uses: concatenate positions
+            positions = tuple(torch.cat([p.positions[i] for p in parts], dim=1) for i in range(3))
         return EmbeddingRowGrad(torch.cat([p.example for p in parts]), torch.cat([p.rows for p in parts]),
-                                torch.cat([p.grads for p in parts]), parts[0].batch_size, parts[0].shape)
+                                torch.cat([p.grads for p in parts]), parts[0].batch_size, parts[0].shape,
+                                positions)
 
 
 def _expand(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
 from dpkit import _validate
+from dpkit.grad_sample.bk_forward import bk_apply, supports_bk_forward
 from dpkit.grad_sample.contributions import (
     EmbeddingRowGrad,
     ExplicitGrad,
@@ -104,8 +105,12 @@ class GradientEngine:
         self._records: dict[int, dict[nn.Module, list]] = defaultdict(lambda: defaultdict(list))
         self._generation = 0
         self._handles = []
+        self._patched: list[nn.Module] = []
         self._silenced = False
         self.summed_grads: dict[int, torch.Tensor] = {}
+        # embedding weights whose clipped sum stays sparse (lazy noise): id -> [(rows, vectors)]
+        self.sparse_params: set[int] = set()
+        self.sparse_sums: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.track_unclipped = bool(track_unclipped)
         self.unclipped_grads: dict[int, torch.Tensor] = {}
         self.examples_seen = 0
@@ -119,15 +124,35 @@ class GradientEngine:
         if self._handles:
             return
         for name, module, rule in self._owners:
-            self._handles.append(module.register_forward_hook(self._forward_hook(module, rule),
-                                                              with_kwargs=True))
+            if self.mode == "bk" and supports_bk_forward(module):
+                self._patch_forward(module, rule)
+            else:
+                self._handles.append(module.register_forward_hook(self._forward_hook(module, rule),
+                                                                  with_kwargs=True))
         self._handles.append(self.model.register_forward_pre_hook(self._before_model_forward))
+
+    def _patch_forward(self, module, rule):
+        """BK: this layer's backward returns only the input gradient (see bk_forward)."""
+        original = module.forward
+
+        def forward(x):
+            if not self._capturing():
+                return original(x)
+            record = (rule.capture(module, (x,), None), [None])
+            self._records[self._generation][module].append(record)
+            return bk_apply(module, x, record)
+
+        module.forward = forward
+        self._patched.append(module)
 
     def detach(self) -> None:
         """Remove the hooks; the model behaves as a plain module again."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for module in self._patched:
+            del module.forward  # back to the class's forward
+        self._patched.clear()
         self._records.clear()
 
     def _capturing(self) -> bool:
@@ -196,21 +221,28 @@ class GradientEngine:
                     raise RuntimeError(
                         f"module {name!r} saw a batch of {B} examples but others saw {batch_size}; "
                         "dpkit needs the batch on axis 0 of every layer's input (batch_first)")
-                scale = B if self.loss_reduction == "mean" else 1
-                for p, contrib in self._contributions(name, module, rule, captured, grads, scale):
+                for p, contrib in self._contributions(name, module, rule, captured, grads):
                     contributions[id(p)].append(contrib)
         if batch_size is None or batch_size == 0:
             return 0
         merged = {pid: combine(parts) for pid, parts in contributions.items()}
         if self.mode == "per_sample":
-            merged = {pid: c if isinstance(c, ExplicitGrad) else ExplicitGrad(c.instantiate())
+            merged = {pid: c if isinstance(c, ExplicitGrad) or pid in self.sparse_params
+                      else ExplicitGrad(c.instantiate())
                       for pid, c in merged.items()}
-        factors = self._clip_factors(merged, batch_size)
+        # a mean loss scales every per-example gradient by 1/B: the contributions stay unscaled
+        # (no copy of the output gradients); the scale enters the norms and the factors instead
+        scale = float(batch_size) if self.loss_reduction == "mean" else 1.0
+        factors = self._clip_factors(merged, batch_size, scale)
         for pid, contrib in merged.items():
+            if pid in self.sparse_params:
+                self.sparse_sums.setdefault(pid, []).append(
+                    _clipped_rows(contrib, factors[pid], self._names.get(pid, "<unnamed>")))
+                continue
             s = contrib.clipped_sum(factors[pid])
             _add_into(self.summed_grads, pid, s)
             if self.track_unclipped:
-                _add_into(self.unclipped_grads, pid, contrib.clipped_sum(torch.ones_like(factors[pid])))
+                _add_into(self.unclipped_grads, pid, contrib.clipped_sum(torch.full_like(factors[pid], scale)))
         self.examples_seen += batch_size
         return batch_size
 
@@ -221,11 +253,10 @@ class GradientEngine:
             return g.shape[output_axes(module, len(grads))[i]]
         return g.shape[0]
 
-    def _contributions(self, name, module, rule, captured, grads, scale):
+    def _contributions(self, name, module, rule, captured, grads):
         """Yield (parameter, contribution) for each trainable direct parameter of ``module``."""
         if isinstance(rule, FunctorchFallback):
             params = dict(module.named_parameters(recurse=rule.recurse))
-            grads = [g * scale if g is not None else None for g in grads]
             self._silenced = True  # children called inside functional_call must not record
             try:
                 with torch.enable_grad():
@@ -236,7 +267,7 @@ class GradientEngine:
             for pname, g in per_sample.items():
                 yield params[pname], ExplicitGrad(g)
             return
-        g = grads[0] * scale
+        g = grads[0]
         if isinstance(rule, LinearViewRule):
             view = rule.view(module, captured, g)
             if module.weight.requires_grad:
@@ -247,16 +278,17 @@ class GradientEngine:
             if view.bias_grad is not None:
                 yield module.bias, ExplicitGrad(view.bias_grad)
         elif isinstance(rule, (EmbeddingRule, EmbeddingBagRule)):
-            example, rows, vecs = rule.rows(module, captured, g)
-            self.paths[name] = "embedding_rows"
-            yield module.weight, EmbeddingRowGrad(example, rows, vecs, g.shape[0], module.weight.shape)
+            example, rows, vecs, dense = rule.rows(module, captured, g)
+            self.paths[name] = "embedding_gram" if dense is not None else "embedding_rows"
+            yield module.weight, EmbeddingRowGrad(example, rows, vecs, g.shape[0], module.weight.shape, dense)
         else:
             self.paths[name] = "per_sample"
             params = dict(module.named_parameters(recurse=False))
             for pname, ps in rule.per_sample_grads(module, captured, g).items():
                 yield params[pname], ExplicitGrad(ps)
 
-    def _clip_factors(self, merged: dict, batch_size: int) -> dict[int, torch.Tensor]:
+    def _clip_factors(self, merged: dict, batch_size: int, scale: float) -> dict[int, torch.Tensor]:
+        """Factors to apply to the UNSCALED contributions: c_i·scale, c_i from ‖scale·G_i‖."""
         norms_sq = {pid: c.norm_sq() for pid, c in merged.items()}
         any_norm = next(iter(norms_sq.values()))
         if self.clip_scope == "flat":
@@ -269,7 +301,7 @@ class GradientEngine:
             groups = {pid: (n, per_tensor) for pid, n in norms_sq.items()}
         factors = {}
         for key, (sq, clip) in groups.items():
-            norm = sq.clamp(min=0).sqrt()
+            norm = sq.clamp(min=0).sqrt() * scale
             bad = ~torch.isfinite(norm)
             if bad.any():  # a NaN/inf gradient: drop that example (factor 0) rather than poison the sum
                 self.dropped_examples += int(bad.sum())
@@ -280,7 +312,7 @@ class GradientEngine:
                 c = (clip / (norm + 1e-12)).clamp(max=1.0)
             else:
                 c = clip / (norm + self.stability)
-            c = torch.where(bad, 0, c)
+            c = torch.where(bad, 0, c) * scale
             if key is None:
                 factors = {pid: c for pid in merged}
             else:
@@ -291,6 +323,7 @@ class GradientEngine:
     def reset(self) -> None:
         """Forget accumulated sums and any captured activations (start of a logical batch)."""
         self.summed_grads.clear()
+        self.sparse_sums.clear()
         self.unclipped_grads.clear()
         self._records.clear()
         self.examples_seen = 0
@@ -299,6 +332,18 @@ class GradientEngine:
         """The accumulated clipped sum for parameter ``p`` (zeros if no example touched it)."""
         s = self.summed_grads.get(id(p))
         return torch.zeros_like(p) if s is None else s.to(p.dtype)
+
+    def sparse_clipped_rows(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The clipped sum of a sparse (lazy-noise) embedding weight as (unique rows, (n, d) sums)."""
+        parts = self.sparse_sums.get(id(p), [])
+        if not parts:
+            return (torch.zeros(0, dtype=torch.long, device=p.device),
+                    torch.zeros(0, p.shape[1], dtype=p.dtype, device=p.device))
+        rows = torch.cat([r for r, _ in parts])
+        vals = torch.cat([v for _, v in parts])
+        unique, inverse = torch.unique(rows, return_inverse=True)
+        out = torch.zeros(unique.numel(), p.shape[1], dtype=vals.dtype, device=vals.device)
+        return unique, out.index_add_(0, inverse, vals)
 
     def unclipped_sum(self, p: torch.Tensor) -> torch.Tensor:
         """The accumulated UNCLIPPED sum Σ_i g_i for ``p`` (needs ``track_unclipped=True``)."""
@@ -309,6 +354,13 @@ class GradientEngine:
 
     def parameter_name(self, p: torch.Tensor) -> str:
         return self._names.get(id(p), "<unnamed>")
+
+
+def _clipped_rows(contrib, factors: torch.Tensor, name: str):
+    if not isinstance(contrib, EmbeddingRowGrad):
+        raise RuntimeError(f"parameter {name!r} has lazy embedding noise but was used outside its "
+                           "embedding (e.g. tied to a linear layer); use embedding_noise='eager'")
+    return contrib.clipped_rows(factors)
 
 
 def _add_into(sums: dict, key, value: torch.Tensor) -> None:

@@ -124,16 +124,24 @@ class EmbeddingRule(PerSampleRule):
     def capture(self, module, inputs, output):
         return inputs[0].detach()
 
+    # up to this many lookups per example, norms use T×T Gram matrices (cheaper than sorting)
+    gram_max_positions = 256
+
     def rows(self, module, ids, grad_output):
-        """Per-example row gradients as (example index, row id, gradient) triples, padding removed."""
+        """Per-example row gradients as (example index, row id, gradient) triples, padding removed,
+        plus the dense (ids, grads, mask) layout when sequences are short (else None)."""
         B = ids.shape[0]
         ids = ids.reshape(B, -1)
         g = grad_output.reshape(B, ids.shape[1], -1)
         example = torch.arange(B, device=ids.device).unsqueeze(1).expand_as(ids)
-        keep = torch.ones_like(ids, dtype=torch.bool)
-        if module.padding_idx is not None:
+        if module.padding_idx is None:
+            keep = torch.ones_like(ids, dtype=torch.bool)
+            flat = (example.reshape(-1), ids.reshape(-1), g.reshape(-1, g.shape[-1]))
+        else:
             keep = ids != module.padding_idx
-        return example[keep], ids[keep], g[keep]
+            flat = (example[keep], ids[keep], g[keep])
+        dense = (ids, g, keep) if ids.shape[1] <= self.gram_max_positions else None
+        return (*flat, dense)
 
 
 class EmbeddingBagRule(PerSampleRule):
@@ -169,7 +177,7 @@ class EmbeddingBagRule(PerSampleRule):
         if module.padding_idx is not None:
             keep = ids != module.padding_idx
         g = grad_output[bag] * scale.unsqueeze(1)
-        return bag[keep], ids[keep], g[keep]
+        return bag[keep], ids[keep], g[keep], None
 
 
 class _NormRule(PerSampleRule):

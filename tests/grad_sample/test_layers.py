@@ -7,7 +7,15 @@ import torch.nn as nn
 from dpkit.grad_sample import GradientEngine
 from tests.grad_sample.reference import clipped_sum, per_example_grads
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64_default():
+    """References are float64; restore the global default afterwards (other tests rely on it)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 class Seq(nn.Module):

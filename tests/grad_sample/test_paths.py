@@ -1,0 +1,94 @@
+"""BK path selection: per layer AND per input shape, visible, and every path gives the same sums."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from dpkit.grad_sample import GradientEngine
+from dpkit.grad_sample.contributions import LinearWeightGrad
+from dpkit.grad_sample.layers import EmbeddingRule
+from tests.grad_sample.reference import clipped_sum, per_example_grads
+
+
+def _sum_loss(m, inp):
+    return m(inp[0]).pow(2).sum()
+
+
+def test_linear_path_follows_sequence_length():
+    model = nn.Linear(40, 30)  # p·d = 1200: ghost iff 2T² <= 1200, i.e. T <= 24
+    engine = GradientEngine(model, max_grad_norm=1.0, loss_reduction="sum")
+    seen = {}
+    for T in (3, 40, 3):
+        model(torch.randn(4, T, 40)).pow(2).sum().backward()
+        engine.accumulate()
+        seen.setdefault(T, set()).add(engine.paths[""])
+    assert seen == {3: {"ghost"}, 40: {"instantiate"}}
+
+
+@pytest.mark.parametrize("T", [2, 30])
+def test_forced_ghost_and_instantiate_agree(T):
+    torch.manual_seed(0)
+    a, g = torch.randn(5, 1, T, 7, dtype=torch.float64), torch.randn(5, 1, T, 4, dtype=torch.float64)
+    c = torch.rand(5, dtype=torch.float64)
+    ghost = LinearWeightGrad(a, g, torch.Size([4, 7]), ghost=True)
+    inst = LinearWeightGrad(a, g, torch.Size([4, 7]), ghost=False)
+    torch.testing.assert_close(ghost.norm_sq(), inst.norm_sq())
+    torch.testing.assert_close(ghost.clipped_sum(c), inst.clipped_sum(c))
+    explicit = torch.einsum("btp,btd->bpd", g[:, 0], a[:, 0])
+    torch.testing.assert_close(inst.instantiate(), explicit)
+
+
+@pytest.mark.parametrize("gram_limit", [0, 256])
+def test_embedding_row_and_gram_norms_match_reference(gram_limit, monkeypatch):
+    monkeypatch.setattr(EmbeddingRule, "gram_max_positions", gram_limit)
+    torch.manual_seed(0)
+    model = nn.Embedding(9, 4, padding_idx=2).double()
+    ids = torch.randint(0, 9, (6, 8))
+    ref = per_example_grads(model, (ids,), _sum_loss)
+    expected = clipped_sum(ref, 0.5)
+    engine = GradientEngine(model, max_grad_norm=0.5, loss_reduction="sum")
+    _sum_loss(model, (ids,)).backward()
+    engine.accumulate()
+    assert engine.paths[""] == ("embedding_gram" if gram_limit else "embedding_rows")
+    torch.testing.assert_close(engine.clipped_sum(model.weight), expected[id(model.weight)])
+
+
+def test_embeddingbag_matches_reference():
+    torch.manual_seed(0)
+    for mode in ("sum", "mean"):
+        model = nn.EmbeddingBag(9, 4, mode=mode).double()
+        ids = torch.randint(0, 9, (5, 3))
+        ref = per_example_grads(model, (ids,), _sum_loss)
+        expected = clipped_sum(ref, 0.3)
+        engine = GradientEngine(model, max_grad_norm=0.3, loss_reduction="sum")
+        _sum_loss(model, (ids,)).backward()
+        engine.accumulate()
+        torch.testing.assert_close(engine.clipped_sum(model.weight), expected[id(model.weight)])
+
+
+def test_bk_skips_weight_gradient_but_keeps_input_gradient_flow():
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2))
+    engine = GradientEngine(model, max_grad_norm=1.0, mode="bk")
+    model(torch.randn(4, 3)).sum().backward()
+    assert all(p.grad is None for p in model.parameters())  # no discarded GEMMs ran
+    engine.accumulate()
+    assert set(engine.paths) == {"0", "2"}
+    assert all(engine.clipped_sum(p).abs().sum() > 0 for p in model.parameters())  # first layer reached
+
+
+def test_mixed_precision_bf16_norms_in_float32():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4))
+    x = torch.randn(8, 16)
+    ref_model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4)).double()
+    ref_model.load_state_dict(model.state_dict())
+    expected = clipped_sum(per_example_grads(ref_model, (x.double(),), _sum_loss), 0.5)
+    engine = GradientEngine(model, max_grad_norm=0.5, loss_reduction="sum")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(x).float().pow(2).sum()
+    loss.backward()
+    engine.accumulate()
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        got = engine.clipped_sum(p)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), expected[id(q)], rtol=5e-2, atol=5e-3)
