@@ -1,0 +1,238 @@
+"""Flower adapter: dpkit's DP-FedAvg as a Flower ``Strategy``, a client helper, an in-process driver.
+
+Optional dependency (``pip install dpkit[flower]``); this module is never imported by
+``dpkit.federated`` itself. It targets Flower's ``flwr.server.strategy.Strategy`` interface
+(``configure_fit`` / ``aggregate_fit``), which Flower's ``Server`` drives with any transport:
+gRPC, the Ray-based simulation engine, or :func:`run_in_process` below (threads, no Ray).
+
+Everything privacy-relevant happens in :class:`~dpkit.federated.dp_fedavg.DPFedAvg`, the object
+dpkit's own simulator drives too: ``configure_fit`` Poisson-samples the cohort from the WHOLE
+population 0..M−1 (a sampled client that is not connected is a drop-out, which costs no privacy;
+sampling only among the connected clients would not match the accounted q), ``aggregate_fit``
+clips each Δ_k = (returned weights − sent weights), adds the noise once to the sum, divides by q·M,
+steps the server optimizer and accounts ``dpsgd_event(z, q)``.
+
+Empty cohorts: Flower's ``Server.fit_round`` skips ``aggregate_fit`` when ``configure_fit`` returns
+no instructions, but a Poisson round with nobody sampled must still release noise. The strategy
+therefore runs the noise-only round itself inside ``configure_fit`` and keeps the authoritative
+global model (:attr:`DPFedAvgStrategy.current_parameters`): the next round sends ITS parameters,
+not the server's copy (which Flower does not update for a skipped round).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import numpy as np
+import torch
+
+try:
+    from flwr.client import NumPyClient
+    from flwr.common import (Code, DisconnectRes, EvaluateRes, FitIns, GetParametersRes, GetPropertiesRes,
+                             Status, ndarrays_to_parameters, parameters_to_ndarrays)
+    from flwr.server import Server, SimpleClientManager
+    from flwr.server.client_proxy import ClientProxy
+    from flwr.server.strategy import Strategy
+except ImportError as err:  # pragma: no cover - exercised only without flwr
+    raise ImportError("dpkit.federated.flower needs Flower: pip install 'dpkit[flower]' (flwr>=1.20)") from err
+
+from dpkit import _validate
+from dpkit.federated import _seeds
+from dpkit.federated.client import LocalTrainer
+from dpkit.federated.dp_fedavg import DPFedAvg
+
+ROUND_KEY, CLIENT_KEY = "dpkit_round", "dpkit_client"
+
+
+class DPFedAvgStrategy(Strategy):
+    """Flower strategy running dpkit's user-level DP-FedAvg (McMahan et al., ICLR 2018, Alg. 1).
+
+    Args:
+        initial_parameters: the initial global model as a list of numpy arrays.
+        num_clients: population size M (clients are indexed 0..M−1 through ``client_index``).
+        sampling_rate, noise_multiplier, clip_norm, server_optimizer, adaptive_clipping,
+        accountant, seed, secure_mode: as in :class:`~dpkit.federated.dp_fedavg.DPFedAvg`.
+        delta: δ of the ε reported in the fit metrics.
+        client_index: ``proxy -> int`` mapping a Flower client to its population index; default
+            ``int(proxy.cid)``.
+        evaluate_fn: optional ``(server_round, list of ndarrays) -> (loss, metrics) | None`` for
+            centralised evaluation of the released model.
+
+    Raises:
+        ValueError, TypeError: as :class:`DPFedAvg`, or a bad ``client_index`` / ``evaluate_fn``.
+    """
+
+    def __init__(self, initial_parameters, *, num_clients, sampling_rate, noise_multiplier, clip_norm,
+                 server_optimizer="fedavg", adaptive_clipping=None, accountant="pld", seed=0,
+                 secure_mode=False, delta=1e-5, client_index: Callable | None = None,
+                 evaluate_fn: Callable | None = None):
+        arrays = [np.asarray(a) for a in initial_parameters]
+        self.dpfedavg = DPFedAvg([torch.from_numpy(a.copy()) for a in arrays], num_clients=num_clients,
+                                 sampling_rate=sampling_rate, noise_multiplier=noise_multiplier,
+                                 clip_norm=clip_norm, server_optimizer=server_optimizer,
+                                 adaptive_clipping=adaptive_clipping, accountant=accountant, seed=seed,
+                                 secure_mode=secure_mode)
+        self.delta = _validate.delta("delta", delta)
+        for name, fn in (("client_index", client_index), ("evaluate_fn", evaluate_fn)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{name} must be callable or None; got {type(fn).__name__}")
+        self.client_index = client_index or (lambda proxy: int(proxy.cid))
+        self.evaluate_fn = evaluate_fn
+        self.history: list[dict] = []
+        self._sent: list[torch.Tensor] | None = None
+
+    @property
+    def current_parameters(self) -> list[np.ndarray]:
+        """The released global model (authoritative, also after noise-only empty rounds)."""
+        return [p.detach().numpy().copy() for p in self.dpfedavg.params]
+
+    def epsilon(self, delta=None) -> float:
+        """User-level ε spent so far."""
+        return self.dpfedavg.epsilon(self.delta if delta is None else delta)
+
+    # ---------------------------------------------------------------- Flower interface
+    def initialize_parameters(self, client_manager):
+        return ndarrays_to_parameters(self.current_parameters)
+
+    def configure_fit(self, server_round, parameters, client_manager):
+        proxies = {}
+        for proxy in client_manager.all().values():
+            k = self.client_index(proxy)
+            if not (isinstance(k, int) and 0 <= k < self.dpfedavg.num_clients):
+                raise ValueError(f"client_index must map every client to an int in [0, {self.dpfedavg.num_clients}); "
+                                 f"got {k!r} for cid {proxy.cid!r}")
+            proxies[k] = proxy
+        cohort = self.dpfedavg.sample_cohort()
+        present = [k for k in cohort if k in proxies]   # absent sampled clients are drop-outs
+        if not present:
+            self._record(self.dpfedavg.aggregate({}))    # noise-only round: Flower would skip it
+            return []
+        self._sent = [p.clone() for p in self.dpfedavg.params]
+        fit_ins_params = ndarrays_to_parameters(self.current_parameters)
+        return [(proxies[k], FitIns(fit_ins_params, {ROUND_KEY: self.dpfedavg.round, CLIENT_KEY: k}))
+                for k in present]
+
+    def aggregate_fit(self, server_round, results, failures):
+        if self._sent is None:
+            raise RuntimeError("aggregate_fit called without a configured round")
+        updates = {}
+        for proxy, res in results:
+            k = self.client_index(proxy)
+            if k in updates:
+                raise ValueError(f"client {k} returned two results in one round")
+            weights = parameters_to_ndarrays(res.parameters)
+            if len(weights) != len(self._sent):
+                raise ValueError(f"client {k} returned {len(weights)} arrays; expected {len(self._sent)}")
+            updates[k] = [torch.from_numpy(np.asarray(w, dtype=np.float32)).reshape(s.shape) - s
+                          for w, s in zip(weights, self._sent)]
+        self._sent = None
+        info = self._record(self.dpfedavg.aggregate(updates))   # failures: drop-outs, nothing to add
+        metrics = {"epsilon": info["epsilon"], "clip_norm": info["clip_norm"]}
+        return ndarrays_to_parameters(self.current_parameters), metrics
+
+    def configure_evaluate(self, server_round, parameters, client_manager):
+        return []  # federated evaluation would be another (unaccounted) release: not offered
+
+    def aggregate_evaluate(self, server_round, results, failures):
+        return None, {}
+
+    def evaluate(self, server_round, parameters):
+        if self.evaluate_fn is None:
+            return None
+        return self.evaluate_fn(server_round, self.current_parameters)
+
+    def _record(self, info: dict) -> dict:
+        info["epsilon"] = self.dpfedavg.epsilon(self.delta)
+        info["delta"] = self.delta
+        self.history.append(info)
+        return info
+
+
+class DPFedAvgClient(NumPyClient):
+    """Flower client running dpkit's local training (:class:`LocalTrainer`) on its own data.
+
+    Returns the locally trained weights; the strategy forms Δ and clips it. The shuffling stream
+    is keyed by (seed, round, client) — the same stream dpkit's simulator uses — so a Flower run
+    and a simulator run with the same seeds train identically.
+
+    Args:
+        trainer: a :class:`LocalTrainer` (its model is this client's work model).
+        data: the client's ``(x, y)`` tensors.
+        seed: the run seed for local shuffling (None: OS entropy).
+    """
+
+    def __init__(self, trainer: LocalTrainer, data, *, seed=0):
+        if not isinstance(trainer, LocalTrainer):
+            raise TypeError(f"trainer must be a dpkit LocalTrainer; got {type(trainer).__name__}")
+        self.trainer, self.data = trainer, data
+        self.seed = None if seed is None else _validate.positive_int("seed", seed, allow_zero=True)
+
+    def get_parameters(self, config):
+        return [p.detach().numpy().copy() for p in self.trainer.params]
+
+    def fit(self, parameters, config):
+        g = _seeds.generator(self.seed, _seeds.LOCAL, int(config[ROUND_KEY]), int(config[CLIENT_KEY]))
+        global_params = [torch.from_numpy(np.asarray(a, dtype=np.float32)) for a in parameters]
+        self.trainer.update(global_params, self.data, g)
+        return self.get_parameters(config), int(self.data[1].shape[0]), {}
+
+
+def make_client_fn(model, data, client_optimizer, *, local_epochs=1, local_batch_size=10, loss_fn=None, seed=0):
+    """``cid -> flwr Client`` for the clients of a :class:`~dpkit.federated.data.FederatedData`.
+
+    Each call builds a fresh :class:`DPFedAvgClient` over its own deep copy of ``model``.
+    """
+    def client_fn(cid: str):
+        trainer = LocalTrainer(copy.deepcopy(model), client_optimizer, epochs=local_epochs,
+                               batch_size=local_batch_size, loss_fn=loss_fn)
+        return DPFedAvgClient(trainer, data.clients[int(cid)], seed=seed).to_client()
+    return client_fn
+
+
+class InProcessClientProxy(ClientProxy):
+    """A Flower ``ClientProxy`` that calls a client built by ``client_fn(cid)`` in this process."""
+
+    def __init__(self, cid: str, client_fn: Callable):
+        super().__init__(cid)
+        self.client_fn = client_fn
+
+    def get_properties(self, ins, timeout, group_id):
+        return GetPropertiesRes(status=Status(code=Code.OK, message=""), properties={})
+
+    def get_parameters(self, ins, timeout, group_id):
+        return self.client_fn(self.cid).get_parameters(ins)
+
+    def fit(self, ins, timeout, group_id):
+        return self.client_fn(self.cid).fit(ins)
+
+    def evaluate(self, ins, timeout, group_id):
+        return EvaluateRes(status=Status(code=Code.OK, message=""), loss=0.0, num_examples=0, metrics={})
+
+    def reconnect(self, ins, timeout, group_id):
+        return DisconnectRes(reason="")
+
+
+def run_in_process(strategy: DPFedAvgStrategy, client_fn: Callable, num_clients: int, num_rounds: int,
+                   *, max_workers: int = 1):
+    """Run Flower's own ``Server.fit`` loop with in-process clients (no Ray, no network).
+
+    Args:
+        strategy: the :class:`DPFedAvgStrategy`.
+        client_fn: ``cid -> flwr Client`` (e.g. :func:`make_client_fn`).
+        num_clients: clients registered, with cids "0".."num_clients−1".
+        num_rounds: rounds ≥ 1.
+        max_workers: Flower's client thread pool size.
+
+    Returns:
+        Flower's ``History``.
+    """
+    num_clients = _validate.positive_int("num_clients", num_clients)
+    num_rounds = _validate.positive_int("num_rounds", num_rounds)
+    manager = SimpleClientManager()
+    for cid in range(num_clients):
+        manager.register(InProcessClientProxy(str(cid), client_fn))
+    server = Server(client_manager=manager, strategy=strategy)
+    server.set_max_workers(_validate.positive_int("max_workers", max_workers))
+    history, _ = server.fit(num_rounds=num_rounds, timeout=None)
+    return history
