@@ -49,7 +49,8 @@ class TinyLM(nn.Module):
         self.ln, self.head = nn.LayerNorm(width), nn.Linear(width, vocab)
 
     def forward(self, ids):
-        pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        # .contiguous(): Opacus 1.6 ghost mode fails on expanded (strided) embedding indices
+        pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids).contiguous()
         return self.head(self.ln(self.blocks(self.tok(ids) + self.pos(pos))))
 
 
