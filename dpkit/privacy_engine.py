@@ -45,7 +45,7 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
                  max_physical_batch_size: int | None = None, sample_rate: float | None = None,
                  expected_batch_size: float | None = None, noise: NoiseMechanism | None = None,
                  secure_mode: bool = False, generator: torch.Generator | None = None,
-                 distributed: bool = False):
+                 distributed: bool = False, embedding_noise="eager"):
     """Make ``model``/``optimizer``/``data_loader`` train with DP-SGD and track ε.
 
     Args:
@@ -79,6 +79,10 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
             rank r Poisson-samples the shard ``r::world_size`` at rate q = B/N, so the union of the
             ranks' batches is one Poisson sample of the whole dataset. Pass the same seeded
             ``generator`` on every rank (identical noise, added once; see :class:`DPOptimizer`).
+        embedding_noise: ``"eager"`` (default) or ``"lazy"``: embedding tables are updated sparsely
+            and their DP-SGD noise is applied lazily with the same distribution and the same ε
+            (LazyDP, Lim et al., ASPLOS 2024; needs ``torch.optim.SGD`` without momentum). See
+            :class:`DPOptimizer`.
 
     Returns:
         ``(model, dp_optimizer, dp_data_loader)`` (``dp_data_loader`` is None if none was given).
@@ -134,7 +138,8 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
     dp_optimizer = DPOptimizer(optimizer, engine=engine, noise_multiplier=noise_multiplier,
                                expected_batch_size=batch_size, step_event=step_event,
                                accountant=accountant, noise=noise, generator=generator,
-                               secure_mode=secure_mode, distributed=distributed)
+                               secure_mode=secure_mode, distributed=distributed,
+                               embedding_noise=embedding_noise)
     if target_epsilon is not None:
         dp_optimizer.max_steps = planned_steps
         dp_optimizer.target = (target_epsilon, target_delta)

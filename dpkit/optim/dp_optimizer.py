@@ -21,6 +21,7 @@ from dpkit import _validate
 from dpkit.errors import PrivacyBudgetExceeded
 from dpkit.grad_sample.engine import GradientEngine
 from dpkit.mechanisms.noise import GaussianNoise, NoiseMechanism
+from dpkit.optim.lazy_embedding import build_lazy_embedding_noise
 
 
 class DPOptimizer(torch.optim.Optimizer):
@@ -46,6 +47,12 @@ class DPOptimizer(torch.optim.Optimizer):
             all-reduced, and the noise — drawn identically on every rank from the same seeded
             ``generator`` — is added once to the global sum, so all ranks take the same step.
             ``expected_batch_size`` is then the GLOBAL expected batch size.
+        embedding_noise: ``"eager"`` (default: dense noise on every parameter every step) or
+            ``"lazy"``: the ``nn.Embedding``/``nn.EmbeddingBag`` weights are updated sparsely and
+            their noise is applied lazily, with the same distribution (LazyDP, Lim et al., ASPLOS
+            2024; see :mod:`dpkit.optim.lazy_embedding`); needs base ``torch.optim.SGD`` without
+            momentum. A :class:`~dpkit.mechanisms.lazy.RowNoise` instance means ``"lazy"`` with
+            that pending-noise source (e.g. the deterministic test probe).
 
     Raises:
         TypeError/ValueError: naming the bad argument; optimizer parameters that are not trainable
@@ -56,7 +63,7 @@ class DPOptimizer(torch.optim.Optimizer):
                  noise_multiplier: float, expected_batch_size: float, step_event=None,
                  accountant=None, noise: NoiseMechanism | None = None,
                  generator: torch.Generator | None = None, secure_mode: bool = False,
-                 distributed: bool = False):
+                 distributed: bool = False, embedding_noise="eager"):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer; got {type(optimizer).__name__}")
         if isinstance(optimizer, DPOptimizer):
@@ -99,6 +106,11 @@ class DPOptimizer(torch.optim.Optimizer):
         self.param_groups = optimizer.param_groups
         self.state = optimizer.state
         self.defaults = optimizer.defaults
+        self._lazy = build_lazy_embedding_noise(
+            embedding_noise, optimizer=optimizer, engine=engine, noise=noise, generator=generator,
+            secure_mode=secure_mode, distributed=distributed,
+            noise_std=self.noise_multiplier * engine.max_grad_norm,
+            expected_batch_size=self.expected_batch_size)
 
     def _check_parameters(self) -> None:
         model_params = {id(p) for p in self.engine.params}
@@ -167,6 +179,9 @@ class DPOptimizer(torch.optim.Optimizer):
         self._mid_logical_batch = False
         self._check_all_gradients_seen()
         params = self.params
+        if self._lazy is not None:  # lazy embedding tables: sparse update after the base step
+            self._lazy.prepare()
+            params = [p for p in params if not self._lazy.owns(p)]
         sums = [self.engine.clipped_sum(p) for p in params]
         for hook in self._contribution_hooks:
             extra = hook(self.steps, params)
@@ -181,6 +196,8 @@ class DPOptimizer(torch.optim.Optimizer):
             grad = sums[i] if noise is None else sums[i] + std * noise[i]
             p.grad = grad / self.expected_batch_size
         self.original_optimizer.step()
+        if self._lazy is not None:
+            self._lazy.step(self.engine)
         self.engine.reset()
         if self.accountant is not None and self.step_event is not None:
             self.accountant.compose(self.step_event)
@@ -192,7 +209,8 @@ class DPOptimizer(torch.optim.Optimizer):
         the engine's hooks: refuse rather than train it without clipping."""
         for p in self.params:
             if p.grad is not None and id(p) not in self.engine.summed_grads and \
-                    self.engine.examples_seen > 0 and bool(p.grad.ne(0).any()):
+                    id(p) not in self.engine.sparse_sums and self.engine.examples_seen > 0 and \
+                    bool((p.grad._values() if p.grad.is_sparse else p.grad).ne(0).any()):
                 raise RuntimeError(
                     f"parameter {self.engine.parameter_name(p)!r} received a gradient that dpkit's hooks "
                     "did not see (was the module called outside the model given to make_private, or in "
@@ -203,6 +221,15 @@ class DPOptimizer(torch.optim.Optimizer):
         self.original_optimizer.zero_grad(set_to_none=set_to_none)
         if not self._mid_logical_batch:
             self.engine.reset()
+
+    def flush(self) -> None:
+        """Apply all pending lazy embedding noise now (no-op with ``embedding_noise="eager"``).
+
+        Afterwards every embedding row holds what eager DP-SGD would hold. Runs automatically
+        before ``model.state_dict()``, ``optimizer.state_dict()`` and eval-mode forward passes.
+        """
+        if self._lazy is not None:
+            self._lazy.flush()
 
     # ------------------------------------------------------------ accounting
     def epsilon(self, delta: float) -> float:
@@ -223,6 +250,7 @@ class DPOptimizer(torch.optim.Optimizer):
             "noise_multiplier": self.noise_multiplier,
             "max_grad_norm": self.max_grad_norm,
             "expected_batch_size": self.expected_batch_size,
+            "lazy": self._lazy.state_dict() if self._lazy is not None else None,  # flushes first
         }
         return state
 
@@ -244,6 +272,8 @@ class DPOptimizer(torch.optim.Optimizer):
         self.noise.load_state_dict(dp_state["noise"])
         if self.accountant is not None and dp_state["accountant"] is not None:
             self.accountant.load_state_dict(dp_state["accountant"])
+        if self._lazy is not None:
+            self._lazy.load_state_dict(dp_state.get("lazy"), steps=self.steps)
 
     def __repr__(self):
         return (f"DPOptimizer(noise_multiplier={self.noise_multiplier}, max_grad_norm={self.max_grad_norm}, "

@@ -1,0 +1,331 @@
+"""Lazy DP-SGD noise for embedding tables: the optimizer-side component of LazyDP.
+
+LazyDP (Lim, Kwon, Hwang, Maeng, Suh, Rhu, ASPLOS 2024): the embedding weights are updated
+SPARSELY — per step only the rows with a clipped gradient are written (O(rows·d) work), while the
+noise every other row would have received is remembered as "pending" (the step each row was last
+noised) and applied in closed form (:mod:`dpkit.mechanisms.lazy`) just before the row is read:
+
+* a forward pre-hook on every lazy embedding module materialises the rows the input looks up
+  (LazyDP's look-ahead over the input queue, done at the moment of the read);
+* :meth:`LazyEmbeddingNoise.flush` materialises every row; it runs automatically before
+  ``model.state_dict()`` / ``module.state_dict()``, ``optimizer.state_dict()``, the first forward
+  pass in eval mode, and whenever the weight-decay prefix sums need a rebase;
+* copying or pickling a module while noise is pending (``copy.deepcopy(model)``,
+  ``torch.save(model)``) raises :class:`dpkit.errors.NoisePendingError` — by the time the copy
+  reaches the guard the weights are already copied, so a flush there would be too late.
+
+Each row then holds exactly what eager DP-SGD would hold, in distribution (and bit-for-bit up to
+float64 rounding with the deterministic :class:`~dpkit.mechanisms.lazy.ProbeRowNoise`).
+
+Supported base optimizer: ``torch.optim.SGD`` with momentum 0 (any learning-rate schedule, any
+weight decay with lr·weight_decay < 1). Momentum couples the row with its momentum buffer and Adam
+/ Adagrad / RMSprop keep per-coordinate statistics of the NOISY gradient: they are refused.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from dpkit.errors import NoisePendingError
+from dpkit.mechanisms.lazy import MAX_COUNTER, RowNoise, StepHistory
+
+EMBEDDING_MODULES = (nn.Embedding, nn.EmbeddingBag)
+FLUSH_CHUNK_ROWS = 1 << 15  # rows materialised at once by flush(): bounds its extra memory
+
+
+class _Table:
+    """One lazy embedding weight: its module, name, history and per-row step markers.
+
+    ``det[r]``: the step up to which row r's deterministic part (decay and gradients) is applied.
+    ``noised[r]``: the step up to which row r's noise is applied; ``noised ≤ det ≤ noised + 1``.
+    """
+
+    def __init__(self, name: str, module: nn.Module, group: dict, base: int):
+        self.name, self.module, self.group = name, module, group
+        self.weight = module.weight
+        rows = self.weight.shape[0]
+        self.det = torch.full((rows,), base, dtype=torch.int32, device=self.weight.device)
+        self.noised = torch.full((rows,), base, dtype=torch.int32, device=self.weight.device)
+        self.history = StepHistory(base)
+
+
+class LazyEmbeddingNoise:
+    """Sparse, lazily-noised SGD updates of the embedding tables of a DP-SGD model.
+
+    Built by :class:`dpkit.DPOptimizer` with ``embedding_noise="lazy"`` (or a
+    :class:`~dpkit.mechanisms.lazy.RowNoise`); dense parameters keep ordinary DP-SGD noise.
+
+    Args:
+        optimizer: the BASE optimizer (must be ``torch.optim.SGD`` without momentum).
+        model: the model whose ``nn.Embedding`` / ``nn.EmbeddingBag`` weights are made lazy
+            (every one that is trainable and held by ``optimizer``).
+        row_noise: the pending-noise source (:class:`CounterGaussianRowNoise` for DP).
+        noise_std: σ·C, the std of the noise on the clipped SUM.
+        expected_batch_size: public normaliser B̄.
+        names: parameter name of each weight (used as the table's key).
+
+    Raises:
+        ValueError: a base optimizer without an exact lazy form (named, with the alternative),
+            no embedding table, an embedding weight shared with another module, a table of
+            2**31 rows or more.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, *, row_noise: RowNoise,
+                 noise_std: float, expected_batch_size: float, names: dict[int, str]):
+        if not isinstance(row_noise, RowNoise):
+            raise TypeError(f"row_noise must be a dpkit RowNoise; got {type(row_noise).__name__}")
+        _check_optimizer(optimizer)
+        self.row_noise = row_noise
+        self.expected_batch_size = expected_batch_size
+        self.scale = noise_std / expected_batch_size
+        self.steps = 0
+        groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        owners: dict[int, list[str]] = {}
+        for mname, module in model.named_modules():
+            for p in module.parameters(recurse=False):
+                owners.setdefault(id(p), []).append(mname or type(module).__name__)
+        self.tables: dict[int, _Table] = {}
+        for mname, module in model.named_modules():
+            if not isinstance(module, EMBEDDING_MODULES):
+                continue
+            w = module.weight
+            if not w.requires_grad or id(w) not in groups:
+                continue
+            if len(owners[id(w)]) > 1:
+                raise ValueError(f"embedding weight {names[id(w)]!r} is shared with {owners[id(w)]}; "
+                                 "lazy noise needs the table to be read only through its embedding "
+                                 "(tied weights are read densely). Use embedding_noise='eager'.")
+            if w.shape[0] > MAX_COUNTER:
+                raise ValueError(f"embedding {names[id(w)]!r} must have < 2**31 rows for lazy noise; "
+                                 f"got {w.shape[0]}")
+            self.tables[id(w)] = _Table(names[id(w)], module, groups[id(w)], 0)
+        if not self.tables:
+            raise ValueError("embedding_noise='lazy' needs at least one trainable nn.Embedding or "
+                             "nn.EmbeddingBag held by the optimizer; got none")
+        for table in self.tables.values():
+            _check_group(table.group)
+        self._handles = []
+        for table in self.tables.values():
+            # the autograd gradient of a lazy table is discarded (dpkit clips from its hooks);
+            # a dense (V, d) gradient would cost O(V·d) per step and defeat the sparse update
+            table.module.sparse = True
+            self._handles.append(table.module.register_forward_pre_hook(self._before_read(table),
+                                                                        with_kwargs=True))
+            self._handles.append(table.module.register_state_dict_pre_hook(self._before_release))
+            table.module._dpkit_release_guard = _ReleaseGuard(self, table.name)
+
+    # ---------------------------------------------------------------- queries
+    def owns(self, p: torch.Tensor) -> bool:
+        """Whether ``p`` is a lazily noised embedding weight."""
+        return id(p) in self.tables
+
+    def pending(self) -> bool:
+        """Whether some row still lacks noise of a step that already ran."""
+        return any(bool((t.noised < self.steps).any()) for t in self.tables.values())
+
+    # ------------------------------------------------------------ materialise
+    @torch.no_grad()
+    def _materialise(self, table: _Table, rows: torch.Tensor, stop: int) -> None:
+        """Bring ``rows`` (unique) to step ``stop``: decay since ``det``, noise since ``noised``."""
+        det, noised = table.det[rows], table.noised[rows]
+        late = noised < stop  # det ≥ noised, so this catches every row behind ``stop``
+        if not bool(late.any()):
+            return
+        rows, det, noised = rows[late], det[late].long(), noised[late].long()
+        w = table.weight.index_select(0, rows).to(torch.float64)
+        decay = torch.from_numpy(table.history.decay(det.cpu().numpy(), stop)).to(w.device)
+        w.mul_(decay.unsqueeze(1))
+        if self.scale > 0:
+            # eager: w −= η·(σC z)/B̄ each step, so the pending noise enters with a minus sign
+            noise = self.row_noise.combined(table.name, rows, noised, stop, table.history,
+                                            tuple(table.weight.shape))
+            w.sub_(self.scale * noise.to(w.device))
+        table.weight.index_copy_(0, rows, w.to(table.weight.dtype))
+        table.det[rows] = stop
+        table.noised[rows] = stop
+
+    def _before_read(self, table: _Table):
+        def hook(module, args, kwargs):
+            if not module.training:  # evaluation / export: nothing may be read with noise pending
+                self.flush()
+                return
+            ids = args[0] if args else kwargs.get("input")
+            if ids is None:
+                raise TypeError(f"embedding {table.name!r} was called without input ids")
+            self._materialise(table, torch.unique(ids.detach()).long().to(table.weight.device), self.steps)
+        return hook
+
+    def _before_release(self, module, prefix, keep_vars):
+        self.flush()
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        """Apply every row's pending noise (O(V·d)); afterwards the weights equal eager DP-SGD's."""
+        for table in self.tables.values():
+            self._flush_table(table)
+
+    def _flush_table(self, table: _Table) -> None:
+        behind = torch.nonzero(table.noised < self.steps).flatten()
+        for chunk in behind.split(FLUSH_CHUNK_ROWS):
+            self._materialise(table, chunk, self.steps)
+
+    # --------------------------------------------------------------- stepping
+    def prepare(self) -> None:
+        """Before the base step: check every table's hyper-parameters (so a refusal happens before
+        anything is updated) and drop the lazy tables' autograd gradients so the base skips them.
+
+        Raises:
+            ValueError: a param group now has momentum, nesterov, maximize or lr·weight_decay ≥ 1.
+        """
+        for table in self.tables.values():
+            _check_group(table.group)
+            table.weight.grad = None
+
+    @torch.no_grad()
+    def step(self, engine) -> None:
+        """Sparse SGD update of every lazy table for the logical step ``self.steps``.
+
+        Touched rows are first brought to the current step (normally done by the forward
+        pre-hook already), then receive the step's decay and clipped-gradient update; their noise
+        for this step stays pending like every other row's.
+
+        Call :meth:`prepare` first.
+        """
+        t = self.steps
+        if t + 1 > MAX_COUNTER:
+            raise ValueError(f"lazy embedding noise supports < 2**31 steps; got step {t + 1}")
+        for table in self.tables.values():
+            lr, wd = float(table.group["lr"]), float(table.group.get("weight_decay", 0.0))
+            table.history.append(lr, wd)
+            rows, sums = engine.sparse_clipped_rows(table.weight)
+            if rows.numel():
+                self._materialise(table, rows, t)
+                w = table.weight.index_select(0, rows).to(torch.float64)
+                w.mul_(1.0 - lr * wd).sub_(sums.to(torch.float64), alpha=lr / self.expected_batch_size)
+                table.weight.index_copy_(0, rows, w.to(table.weight.dtype))
+                table.det[rows] = t + 1
+        self.steps = t + 1
+        for table in self.tables.values():
+            if table.history.needs_rebase():
+                self._flush_table(table)
+                table.history.rebase()
+
+    # ------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        """Flush, then the step count and noise key: a checkpoint never holds pending noise."""
+        self.flush()
+        return {"steps": self.steps, "row_noise": self.row_noise.state_dict(),
+                "tables": sorted(t.name for t in self.tables.values())}
+
+    def load_state_dict(self, state: dict | None, *, steps: int) -> None:
+        """Resume from a checkpoint taken after ``steps`` steps; its weights are fully noised
+        (saved by :meth:`state_dict`, which flushes, or by an eager optimizer: ``state`` None)."""
+        if state is not None:
+            names = sorted(t.name for t in self.tables.values())
+            if state["tables"] != names:
+                raise ValueError(f"checkpoint has lazy tables {state['tables']}; this optimizer has {names}")
+            if int(state["steps"]) != steps:
+                raise ValueError(f"lazy state was saved at step {state['steps']}, the optimizer at {steps}")
+            self.row_noise.load_state_dict(state["row_noise"])
+        self.steps = int(steps)
+        for table in self.tables.values():
+            table.det.fill_(self.steps)
+            table.noised.fill_(self.steps)
+            table.history = StepHistory(self.steps)
+
+
+class _ReleaseGuard:
+    """Lives in a lazy embedding module's ``__dict__``: copying/pickling it with noise pending fails."""
+
+    def __init__(self, lazy: LazyEmbeddingNoise, name: str):
+        self._lazy, self._name = lazy, name
+
+    def _check(self):
+        if self._lazy.pending():
+            raise NoisePendingError(
+                f"embedding {self._name!r} is being copied or pickled while lazy DP noise is pending; "
+                "call optimizer.flush() first (model.state_dict() flushes automatically)")
+
+    def __deepcopy__(self, memo):
+        self._check()
+        return None  # the copy is detached from the optimizer: it carries no guard
+
+    def __reduce_ex__(self, protocol):
+        self._check()
+        return (_no_guard, ())
+
+
+def _no_guard():
+    return None
+
+
+def _check_optimizer(optimizer: torch.optim.Optimizer) -> None:
+    if type(optimizer) is not torch.optim.SGD:
+        raise ValueError(
+            f"embedding_noise='lazy' needs torch.optim.SGD (momentum=0); got {type(optimizer).__name__}: "
+            "its per-coordinate state of the noisy gradient has no exact lazy form, so lazy noise "
+            "would not be DP-SGD. Use SGD, or embedding_noise='eager' (dense noise every step).")
+
+
+def _check_group(group: dict) -> None:
+    if group.get("momentum", 0) != 0 or group.get("nesterov", False):
+        raise ValueError(
+            f"embedding_noise='lazy' needs SGD momentum=0; got momentum={group.get('momentum')}, "
+            f"nesterov={group.get('nesterov')}: momentum couples each row with its buffer, which "
+            "lazy noise does not track. Use momentum=0 or embedding_noise='eager'.")
+    lr, wd = float(group["lr"]), float(group.get("weight_decay", 0.0))
+    if lr * wd >= 1.0:
+        raise ValueError(f"embedding_noise='lazy' needs lr * weight_decay < 1 (positive decay factor "
+                         f"1 - lr*weight_decay); got lr={lr}, weight_decay={wd}")
+    if group.get("maximize", False):
+        raise ValueError("embedding_noise='lazy' needs maximize=False; got True. "
+                         "Negate the loss instead.")
+
+
+def build_lazy_embedding_noise(embedding_noise, *, optimizer, engine, noise, generator, secure_mode,
+                               distributed, noise_std, expected_batch_size):
+    """The :class:`LazyEmbeddingNoise` for :class:`dpkit.DPOptimizer`'s ``embedding_noise`` (None if eager).
+
+    The default pending-noise source is :class:`~dpkit.mechanisms.lazy.CounterGaussianRowNoise`
+    with a 62-bit seed drawn from ``generator`` (or torch's global generator).
+
+    Raises:
+        ValueError/TypeError: a bad ``embedding_noise``, or lazy noise combined with something it
+            cannot honour (secure mode, distributed training, a correlated-noise mechanism,
+            tracking of unclipped sums), each named.
+    """
+    from dpkit.mechanisms.lazy import CounterGaussianRowNoise
+    from dpkit.mechanisms.noise import GaussianNoise
+
+    if isinstance(embedding_noise, str):
+        if embedding_noise not in ("eager", "lazy"):
+            raise ValueError(f"embedding_noise must be 'eager', 'lazy' or a RowNoise; got {embedding_noise!r}")
+        if embedding_noise == "eager":
+            return None
+        row_noise = None
+    elif isinstance(embedding_noise, RowNoise):
+        row_noise = embedding_noise
+    else:
+        raise TypeError(f"embedding_noise must be 'eager', 'lazy' or a RowNoise; got "
+                        f"{type(embedding_noise).__name__}")
+    if secure_mode:
+        raise ValueError("embedding_noise='lazy' cannot use secure_mode=True: lazy noise is regenerated "
+                         "from a counter-based key, which secure mode must not keep. Use "
+                         "embedding_noise='eager' for secure noise.")
+    if distributed:
+        raise ValueError("embedding_noise='lazy' does not support distributed=True (the sparse row "
+                         "sums are not all-reduced); use embedding_noise='eager'")
+    if not isinstance(noise, (GaussianNoise, RowNoise)):
+        raise ValueError(f"embedding_noise='lazy' adds i.i.d. Gaussian noise (DP-SGD); it cannot be "
+                         f"combined with noise={type(noise).__name__}. Use embedding_noise='eager'.")
+    if engine.track_unclipped:
+        raise ValueError("embedding_noise='lazy' cannot track unclipped sums (error feedback); "
+                         "use embedding_noise='eager'")
+    if row_noise is None:
+        row_noise = CounterGaussianRowNoise(int(torch.randint(0, 2**62, (1,), generator=generator)))
+    lazy = LazyEmbeddingNoise(optimizer, engine.model, row_noise=row_noise, noise_std=noise_std,
+                              expected_batch_size=expected_batch_size,
+                              names={id(p): engine.parameter_name(p) for p in engine.params})
+    engine.sparse_params.update(lazy.tables)
+    return lazy
