@@ -98,8 +98,7 @@ class BandedStrategy(Strategy):
         return self._C.copy()
 
     def noise_operator(self):
-        from scipy.linalg import solve_triangular
-        return solve_triangular(self._C, np.eye(self.n), lower=True)
+        return linalg.solve_triangular(self._C, np.eye(self.n), lower=True)
 
     def band_coefficients(self) -> np.ndarray:
         """``(n, bands)`` array: ``[t, k] = C[t, t − k]`` (0 where ``t − k < 0``)."""
@@ -466,9 +465,8 @@ class DenseStrategy(Strategy):
             raise ValueError("C must be square lower-triangular with a positive diagonal; got "
                              f"shape {C.shape}")
         super().__init__(n, name)
-        from scipy.linalg import solve_triangular
         self._C = C
-        self._M = solve_triangular(C, np.eye(n), lower=True)
+        self._M = linalg.solve_triangular(C, np.eye(n), lower=True)
 
     def encoder(self):
         return self._C.copy()
@@ -524,7 +522,6 @@ def multi_epoch(n: int, separation: int, *, workload=None, constraint: str = "cy
     if A.shape != (n, n):
         raise ValueError(f"workload must have shape ({n}, {n}); got {A.shape}")
     W = A.T @ A
-    mask = np.ones((n, n), dtype=bool)
     idx = np.arange(n)
     diff = np.abs(idx[:, None] - idx[None, :])
     mask = (diff % b != 0) if constraint == "cyclic" else (diff < b)

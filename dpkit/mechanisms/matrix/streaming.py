@@ -150,12 +150,11 @@ class CorrelatedNoise(NoiseMechanism):
             self._buffers = [torch.zeros((s.theta.size, *ref.shape), dtype=dt, device=ref.device)
                              for ref, dt in zip(like, dtypes)]
         out = []
-        view = (-1,) + (1,) * 0
         for i, zi in enumerate(z):
             buf = self._buffers[i]
             omega = torch.as_tensor(s.omega, dtype=buf.dtype, device=buf.device)
             theta = torch.as_tensor(s.theta, dtype=buf.dtype, device=buf.device)
-            shape = view + (1,) * zi.dim()
+            shape = (-1,) + (1,) * zi.dim()  # broadcast the d buffer weights over the tensor
             out.append(zi + (omega.reshape(shape) * buf).sum(0))
             buf.mul_(theta.reshape(shape)).add_(zi.unsqueeze(0))
         return out
