@@ -70,6 +70,10 @@ class _Embedding(torch.autograd.Function):
         return None, None, None, None
 
 
+# nn.MultiheadAttention's out_proj is a NonDynamicallyQuantizableLinear: a plain Linear
+_LINEARS = (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
+
+
 def _store(record, grad_out):
     grads = record[1]
     grads[0] = grad_out.detach() if grads[0] is None else grads[0] + grad_out.detach()
@@ -77,7 +81,7 @@ def _store(record, grad_out):
 
 def supports_bk_forward(module: nn.Module) -> bool:
     """Layers with a weight-gradient-free backward (exact types; subclasses keep their forward)."""
-    if type(module) is nn.Linear:
+    if type(module) in _LINEARS:
         return True
     if type(module) in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
         return module.padding_mode == "zeros" and module.padding != "same"
@@ -88,7 +92,7 @@ def supports_bk_forward(module: nn.Module) -> bool:
 
 def bk_apply(module: nn.Module, x: torch.Tensor, record) -> torch.Tensor:
     """Run ``module`` on ``x`` with the BK backward, storing the output gradient in ``record``."""
-    if type(module) is nn.Linear:
+    if type(module) in _LINEARS:
         return _Linear.apply(x, module.weight, module.bias, record)
     if type(module) is nn.Embedding:
         return _Embedding.apply(x, module.weight, record, module)

@@ -26,6 +26,11 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
 from dpkit import _validate
+from dpkit.grad_sample.attention import (
+    AttentionInProjectionRule,
+    make_bk_attention_forward,
+    supports_bk_attention,
+)
 from dpkit.grad_sample.bk_forward import bk_apply, supports_bk_forward
 from dpkit.grad_sample.contributions import (
     EmbeddingRowGrad,
@@ -91,7 +96,11 @@ class GradientEngine:
         for name, module in model.named_modules():
             if any(name.startswith(prefix) for prefix in atomic_prefixes):
                 continue  # parameters already owned by an enclosing atomic module
-            if isinstance(module, ATOMIC_MODULES):
+            if self.mode == "bk" and supports_bk_attention(module):
+                # projections as linear views; out_proj is called as a module and has its own rule
+                if any(p.requires_grad for p in module.parameters(recurse=False)):
+                    self._owners.append((name, module, AttentionInProjectionRule()))
+            elif isinstance(module, ATOMIC_MODULES):
                 # its children's weights are used functionally, never by calling the children
                 atomic_prefixes.append(f"{name}.")
                 if any(p.requires_grad for p in module.parameters()):
@@ -124,7 +133,10 @@ class GradientEngine:
         if self._handles:
             return
         for name, module, rule in self._owners:
-            if self.mode == "bk" and supports_bk_forward(module):
+            if isinstance(rule, AttentionInProjectionRule):
+                module.forward = make_bk_attention_forward(module, self._attention_capture(module))
+                self._patched.append(module)
+            elif self.mode == "bk" and supports_bk_forward(module):
                 self._patch_forward(module, rule)
             else:
                 self._handles.append(module.register_forward_hook(self._forward_hook(module, rule),
@@ -144,6 +156,15 @@ class GradientEngine:
 
         module.forward = forward
         self._patched.append(module)
+
+    def _attention_capture(self, module):
+        def capture(inputs):
+            if not self._capturing():
+                return None
+            record = (inputs, [None, None, None])
+            self._records[self._generation][module].append(record)
+            return record
+        return capture
 
     def detach(self) -> None:
         """Remove the hooks; the model behaves as a plain module again."""
@@ -266,6 +287,15 @@ class GradientEngine:
             self.paths[name] = "functorch"
             for pname, g in per_sample.items():
                 yield params[pname], ExplicitGrad(g)
+            return
+        if isinstance(rule, AttentionInProjectionRule):
+            view = rule.view(module, captured, grads)
+            if module.in_proj_weight.requires_grad:
+                contrib = LinearWeightGrad(view.a, view.g, view.weight_shape)
+                self.paths[name] = contrib.path
+                yield module.in_proj_weight, contrib
+            if view.bias_grad is not None:
+                yield module.in_proj_bias, ExplicitGrad(view.bias_grad)
             return
         g = grads[0]
         if isinstance(rule, LinearViewRule):

@@ -232,6 +232,7 @@ def _trainable(p) -> bool:
 
 _RULES: dict[type, object] = {
     nn.Linear: LinearRule(),
+    nn.modules.linear.NonDynamicallyQuantizableLinear: LinearRule(),
     nn.Conv1d: ConvRule(),
     nn.Conv2d: ConvRule(),
     nn.Conv3d: ConvRule(),

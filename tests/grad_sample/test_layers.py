@@ -48,6 +48,34 @@ class AttnBlock(nn.Module):
         return self.attn(x, x, x, need_weights=False)[0]
 
 
+class AttnMasked(nn.Module):
+    """Self-attention returning averaged weights too, with a causal float mask and dropout 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x):
+        T = x.shape[1]
+        mask = torch.triu(torch.full((T, T), float("-inf")), diagonal=1)
+        out, w = self.attn(x, x, x, attn_mask=mask, need_weights=True)
+        return out + w.sum(-1, keepdim=True)
+
+
+class CrossAttn(nn.Module):
+    """Time-major cross-attention: queries from x, keys/values from a transformed x (other length)."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2)
+        self.kv = nn.Linear(8, 8)
+
+    def forward(self, x):
+        xt = x.transpose(0, 1)  # (T, B, E); plain layers see batch-first inputs
+        memory = torch.tanh(self.kv(x))[:, :-1].transpose(0, 1)  # shorter key/value sequence
+        return self.attn(xt, memory, memory, need_weights=False)[0].transpose(0, 1)
+
+
 CASES = {
     "linear_2d": (lambda: nn.Linear(5, 3), (6, 5)),
     "linear_seq": (lambda: nn.Linear(5, 3), (6, 7, 5)),
@@ -66,6 +94,8 @@ CASES = {
     "lstm": (lambda: Seq(nn.LSTM(5, 4, batch_first=True), tuple_out=True), (4, 3, 5)),
     "gru_time_major": (lambda: Seq(nn.GRU(5, 4), tuple_out=True), (3, 4, 5)),
     "mha": (lambda: AttnBlock(), (4, 3, 8)),
+    "mha_weights_masked": (lambda: AttnMasked(), (4, 5, 8)),
+    "mha_cross_time_major": (lambda: CrossAttn(), (4, 3, 8)),
     "prelu_fallback": (lambda: nn.PReLU(), (6, 5)),
 }
 

@@ -92,3 +92,18 @@ def test_mixed_precision_bf16_norms_in_float32():
         got = engine.clipped_sum(p)
         assert got.dtype == torch.float32
         torch.testing.assert_close(got.double(), expected[id(q)], rtol=5e-2, atol=5e-3)
+
+
+def test_multihead_attention_uses_linear_views_in_bk_and_fallback_otherwise():
+    attn = nn.MultiheadAttention(8, 2, batch_first=True)
+    x = torch.randn(3, 5, 8)
+    engine = GradientEngine(attn, max_grad_norm=1.0, mode="bk")
+    attn(x, x, x)[0].sum().backward()
+    engine.accumulate()
+    assert engine.paths[""] in ("ghost", "instantiate") and engine.paths["out_proj"] in ("ghost", "instantiate")
+    engine.detach()
+    exotic = nn.MultiheadAttention(8, 2, batch_first=True, add_bias_kv=True)
+    engine = GradientEngine(exotic, max_grad_norm=1.0, mode="bk")
+    exotic(x, x, x)[0].sum().backward()
+    engine.accumulate()
+    assert engine.paths == {"": "functorch"}
