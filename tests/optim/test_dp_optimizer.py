@@ -360,3 +360,21 @@ def test_secure_mode_noise_is_standard_normal():
     assert stats.kstest(z, "norm").pvalue > 1e-4
     z2 = noise.sample(0, [torch.zeros(20000, dtype=torch.float64)])[0].numpy()
     assert not np.array_equal(z, z2)  # not reproducible: OS entropy
+
+
+@pytest.mark.parametrize("clipping", ["bk", "per_sample"])
+def test_gradient_accumulation_equals_one_batch(clipping):
+    x, y = _data(12)
+    results = []
+    for chunks in (1, 3):
+        model = _mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.3)
+        _, opt, _ = _private(model, opt, noise_multiplier=0.0, max_grad_norm=0.2,
+                             expected_batch_size=12, clipping=clipping, loss_reduction="sum")
+        opt.zero_grad()
+        for xb, yb in zip(x.chunk(chunks), y.chunk(chunks)):  # backward per chunk, one step
+            nn.functional.cross_entropy(model(xb), yb, reduction="sum").backward()
+        opt.step()
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
