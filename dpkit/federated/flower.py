@@ -58,6 +58,7 @@ class DPFedAvgStrategy(Strategy):
             ``int(proxy.cid)``.
         evaluate_fn: optional ``(server_round, list of ndarrays) -> (loss, metrics) | None`` for
             centralised evaluation of the released model.
+        epsilon_every: compute ε for the fit metrics every this many rounds (others report None).
 
     Raises:
         ValueError, TypeError: as :class:`DPFedAvg`, or a bad ``client_index`` / ``evaluate_fn``.
@@ -66,7 +67,7 @@ class DPFedAvgStrategy(Strategy):
     def __init__(self, initial_parameters, *, num_clients, sampling_rate, noise_multiplier, clip_norm,
                  server_optimizer="fedavg", adaptive_clipping=None, accountant="pld", seed=0,
                  secure_mode=False, delta=1e-5, client_index: Callable | None = None,
-                 evaluate_fn: Callable | None = None):
+                 evaluate_fn: Callable | None = None, epsilon_every=1):
         arrays = [np.asarray(a) for a in initial_parameters]
         self.dpfedavg = DPFedAvg([torch.from_numpy(a.copy()) for a in arrays], num_clients=num_clients,
                                  sampling_rate=sampling_rate, noise_multiplier=noise_multiplier,
@@ -74,6 +75,7 @@ class DPFedAvgStrategy(Strategy):
                                  adaptive_clipping=adaptive_clipping, accountant=accountant, seed=seed,
                                  secure_mode=secure_mode)
         self.delta = _validate.delta("delta", delta)
+        self.epsilon_every = _validate.positive_int("epsilon_every", epsilon_every)
         for name, fn in (("client_index", client_index), ("evaluate_fn", evaluate_fn)):
             if fn is not None and not callable(fn):
                 raise TypeError(f"{name} must be callable or None; got {type(fn).__name__}")
@@ -143,7 +145,8 @@ class DPFedAvgStrategy(Strategy):
         return self.evaluate_fn(server_round, self.current_parameters)
 
     def _record(self, info: dict) -> dict:
-        info["epsilon"] = self.dpfedavg.epsilon(self.delta)
+        due = info["round"] % self.epsilon_every == 0
+        info["epsilon"] = self.dpfedavg.epsilon(self.delta) if due else None
         info["delta"] = self.delta
         self.history.append(info)
         return info
