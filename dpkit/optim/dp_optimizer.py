@@ -155,13 +155,20 @@ class DPOptimizer(torch.optim.Optimizer):
         """Make the next ``step()`` only accumulate (virtual batches: a non-final physical chunk)."""
         self._skip_next_step = bool(do_skip)
 
+    # GradScaler hands itself to step(); dpkit refuses it (see step) instead of clipping scaled grads
+    _step_supports_amp_scaling = True
+
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, grad_scaler=None):
         """Clip the pending per-example gradients, add noise once per logical step, step the base.
 
         If the data loader signalled that the current physical batch is not the last of its logical
         batch, only accumulates (no noise, no base step, no accounting).
         """
+        if grad_scaler is not None:
+            raise TypeError("torch.amp.GradScaler is not supported by DPOptimizer (per-example clipping "
+                            "would see scaled gradients); train with torch.autocast(dtype=torch.bfloat16), "
+                            "which needs no loss scaling")
         loss = None
         if closure is not None:
             with torch.enable_grad():

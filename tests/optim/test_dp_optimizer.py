@@ -378,3 +378,13 @@ def test_gradient_accumulation_equals_one_batch(clipping):
         results.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b)
+
+
+def test_grad_scaler_refused_clearly():
+    model = _mlp()
+    _, opt, _ = _private(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    scaler = torch.amp.GradScaler("cpu")
+    x, y = _data(4)
+    scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+    with pytest.raises(TypeError, match="GradScaler is not supported"):
+        scaler.step(opt)
