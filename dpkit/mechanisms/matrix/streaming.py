@@ -69,7 +69,7 @@ class CorrelatedNoise(NoiseMechanism):
     a Gaussian mechanism with noise multiplier σ relative to the sensitivity; for the identity
     strategy this is exactly DP-SGD's noise (Denisov et al., NeurIPS 2022, §3; Choquette-Choo et al.,
     ICML 2023, §2). Steps must be requested in order 0, 1, 2, ... (a repeat of the last step
-    returns the same noise).
+    returns the same noise, so callers must not modify the returned tensors in place).
 
     Args:
         strategy: a :class:`~dpkit.mechanisms.matrix.strategies.Strategy`.
@@ -126,17 +126,19 @@ class CorrelatedNoise(NoiseMechanism):
         unit = getattr(self, f"_step_{self.strategy.kind}")(step, like, dtypes)
         out = [(w * self.sensitivity).to(ref.dtype) for w, ref in zip(unit, like)]
         self._next = step + 1
-        self._last = (step, [o.clone() for o in out])
+        self._last = (step, out)  # the caller must not modify the returned tensors in place
         return out
 
     def _step_banded(self, t, like, dtypes):
         coef = self._coef[t]
-        w = self._z(t, like, None)
-        w = [zi.to(dt) for zi, dt in zip(w, dtypes)]
+        w = [zi.to(dt) for zi, dt in zip(self._z(t, like, None), dtypes)]
         for k, past in enumerate(reversed(self._past), start=1):
             if k < coef.size and coef[k] != 0.0:
-                w = [wi - float(coef[k]) * pi for wi, pi in zip(w, past)]
-        w = [wi / float(coef[0]) for wi in w]
+                for wi, pi in zip(w, past):
+                    wi.sub_(pi, alpha=float(coef[k]))  # in place: w is a fresh draw
+        if coef[0] != 1.0:
+            for wi in w:
+                wi.div_(float(coef[0]))
         if self._coef.shape[1] > 1:
             self._past.append(w)
             if len(self._past) > self._coef.shape[1] - 1:
@@ -239,5 +241,5 @@ def dense_noise_matrix(strategy: Strategy, seed: int, like: torch.Tensor) -> np.
         keys = [strategy.node_key(t, lvl) for t, lvl in strategy.nodes]
     else:
         keys = range(strategy.n)
-    return np.stack([counter_normal(seed, k, 0, like, torch.float64).reshape(-1).numpy()
+    return np.stack([counter_normal(seed, k, 0, like, torch.float64).reshape(-1).cpu().numpy()
                      for k in keys])
