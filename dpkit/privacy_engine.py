@@ -45,7 +45,7 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
                  max_physical_batch_size: int | None = None, sample_rate: float | None = None,
                  expected_batch_size: float | None = None, noise: NoiseMechanism | None = None,
                  secure_mode: bool = False, generator: torch.Generator | None = None,
-                 distributed: bool = False, embedding_noise="eager"):
+                 distributed: bool = False, embedding_noise="eager", error_feedback: dict | None = None):
     """Make ``model``/``optimizer``/``data_loader`` train with DP-SGD and track ε.
 
     Args:
@@ -83,6 +83,11 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
             and their DP-SGD noise is applied lazily with the same distribution and the same ε
             (LazyDP, Lim et al., ASPLOS 2024; needs ``torch.optim.SGD`` without momentum). See
             :class:`DPOptimizer`.
+        error_feedback: ``None`` (default) or ``{"clip2": C2, "noise_split": f (optional)}``:
+            DiceSGD error feedback (Zhang et al., ICLR 2024) with error threshold C2 (mean units),
+            accounted by :func:`dpkit.optim.error_feedback.dicesgd_event`; with a target ε, σ is
+            re-calibrated for it. Poisson sampling, i.i.d. Gaussian noise, not distributed. See
+            :mod:`dpkit.optim.error_feedback`.
 
     Returns:
         ``(model, dp_optimizer, dp_data_loader)`` (``dp_data_loader`` is None if none was given).
@@ -134,7 +139,8 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
                          f"({type(step_event).__name__}); choose another accountant")
 
     engine = GradientEngine(model, max_grad_norm=max_grad_norm, mode=clipping, clip_scope=clip_scope,
-                            clip_function=clip_function, loss_reduction=loss_reduction)
+                            clip_function=clip_function, loss_reduction=loss_reduction,
+                            track_unclipped=error_feedback is not None)
     dp_optimizer = DPOptimizer(optimizer, engine=engine, noise_multiplier=noise_multiplier,
                                expected_batch_size=batch_size, step_event=step_event,
                                accountant=accountant, noise=noise, generator=generator,
@@ -143,6 +149,11 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
     if target_epsilon is not None:
         dp_optimizer.max_steps = planned_steps
         dp_optimizer.target = (target_epsilon, target_delta)
+    if error_feedback is not None:
+        from dpkit.optim.error_feedback import configure_error_feedback
+
+        configure_error_feedback(dp_optimizer, error_feedback, sampling_prob=q,
+                                 poisson_sampling=poisson_sampling)
 
     dp_loader = None
     if data_loader is not None:

@@ -55,6 +55,7 @@ from dpkit import _validate as V
 from dpkit.accountants import make_accountant
 from dpkit.accountants.base import Accountant
 from dpkit.errors import CalibrationError
+from dpkit.mechanisms.noise import GaussianNoise
 from dpkit.optim.dp_optimizer import DPOptimizer
 
 __all__ = ["ErrorFeedback", "attach_error_feedback", "dicesgd_event", "default_noise_split",
@@ -309,8 +310,8 @@ def attach_error_feedback(optimizer, *, clip2, sampling_prob, noise_split=None) 
 
     Raises:
         TypeError: ``optimizer`` is not a DPOptimizer.
-        ValueError: the engine does not track unclipped sums, the optimizer already stepped or is
-            distributed, or an argument is out of range.
+        ValueError: the engine does not track unclipped sums, the optimizer already stepped, is
+            distributed or uses non-i.i.d./lazy noise, or an argument is out of range.
     """
     if not isinstance(optimizer, DPOptimizer):
         raise TypeError(f"optimizer must be a dpkit DPOptimizer; got {type(optimizer).__name__}")
@@ -326,6 +327,9 @@ def attach_error_feedback(optimizer, *, clip2, sampling_prob, noise_split=None) 
     if optimizer.distributed:
         raise ValueError("error feedback does not support distributed=True (the error state would be "
                          "per rank while the noise is global)")
+    if not isinstance(optimizer.noise, GaussianNoise) or getattr(optimizer, "_lazy", None) is not None:
+        raise ValueError("error feedback is accounted for i.i.d. Gaussian noise on every parameter only; "
+                         "got a custom noise mechanism or embedding_noise='lazy'")
     if any(isinstance(h, ErrorFeedback) for h in optimizer._contribution_hooks):
         raise ValueError("optimizer already has error feedback attached")
     kwargs = dict(clip1=optimizer.max_grad_norm, clip2=clip2,

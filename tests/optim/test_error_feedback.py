@@ -277,8 +277,6 @@ def test_zero_noise_is_non_private():
 
 
 def test_make_private_keyword_recalibrates_for_target():
-    if "error_feedback" not in dpkit.make_private.__code__.co_varnames:
-        pytest.skip("make_private has no error_feedback keyword in this checkout")
     model = _mlp()
     _, opt, _ = dpkit.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), None,
                                    max_grad_norm=1.0, target_epsilon=3.0, target_delta=1e-5, steps=50,
@@ -289,3 +287,25 @@ def test_make_private_keyword_recalibrates_for_target():
     ledger = make_accountant("pld").compose(opt.step_event, 50)
     assert ledger.epsilon(1e-5) <= 3.0
     assert opt.engine.track_unclipped
+
+
+def test_make_private_keyword_trains_and_refuses_fixed_size():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y = _data(40)
+    model = _mlp()
+    loader = DataLoader(TensorDataset(x, y), batch_size=10)
+    _, opt, dl = dpkit.make_private(model, torch.optim.Adam(model.parameters(), lr=1e-2), loader,
+                                    max_grad_norm=1.0, noise_multiplier=2.0, error_feedback={"clip2": 0.01},
+                                    generator=torch.Generator().manual_seed(0))
+    for xb, yb in dl:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(xb), yb).backward()
+        opt.step()
+    ref = make_accountant("pld").compose(dicesgd_event(2.0, 0.25, opt.steps, clip1=1.0, clip2=0.01,
+                                                       expected_batch_size=10))
+    assert opt.epsilon(1e-5) == pytest.approx(ref.epsilon(1e-5), rel=1e-9)
+    other = _mlp()
+    with pytest.raises(ValueError, match="Poisson"):
+        dpkit.make_private(other, torch.optim.SGD(other.parameters(), lr=0.1), loader, max_grad_norm=1.0,
+                           noise_multiplier=1.0, poisson_sampling=False, error_feedback={"clip2": 0.01})
