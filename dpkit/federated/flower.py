@@ -35,7 +35,7 @@ try:
     from flwr.server.client_proxy import ClientProxy
     from flwr.server.strategy import Strategy
 except ImportError as err:  # pragma: no cover - exercised only without flwr
-    raise ImportError("dpkit.federated.flower needs Flower: pip install 'dpkit[flower]' (flwr>=1.20)") from err
+    raise ImportError("dpkit.federated.flower needs Flower: pip install 'dpkit[flower]' (flwr>=1.42,<2)") from err
 
 from dpkit import _validate
 from dpkit.federated import _seeds

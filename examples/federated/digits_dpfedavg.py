@@ -11,7 +11,6 @@ optional adaptive clipping (Andrew et al., NeurIPS 2021) and canary clients for 
 """
 
 import argparse
-import json
 import time
 
 import torch
@@ -63,10 +62,11 @@ def main():
           f"ε = {sim.epsilon():.3f} at δ = {args.delta}")
     if args.canaries:
         est = sim.canary_estimate()
-        print("one-shot ε̂ (final model):", json.dumps({k: round(v, 3) for k, v in est["final_model"].items()
-                                                        if isinstance(v, float)}))
-        print("one-shot ε̂ (all iterates):", round(est["all_iterates"]["epsilon"], 3),
-              " claimed ε:", round(est["claimed_epsilon"], 3))
+        for model in ("final_model", "all_iterates"):
+            e = est[model]
+            print(f"one-shot ε̂ ({model}): {e['epsilon']:.3f}  "
+                  f"[{e['epsilon_lower']:.3f}, {e['epsilon_upper']:.3f}] at {e['confidence']:.0%} per side")
+        print(f"claimed ε: {est['claimed_epsilon']:.3f} (an upper bound; ε̂ is an estimate, not a bound)")
 
 
 if __name__ == "__main__":
