@@ -14,7 +14,6 @@ import platform
 import time
 
 import dp_accounting
-import numpy as np
 import torch
 
 from dpkit.accountants.mmcc import banded_amplified_epsilon, mmcc_analysis, unamplified_epsilon
