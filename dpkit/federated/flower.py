@@ -29,7 +29,7 @@ import torch
 
 try:
     from flwr.client import NumPyClient
-    from flwr.common import (Code, DisconnectRes, EvaluateRes, FitIns, GetParametersRes, GetPropertiesRes,
+    from flwr.common import (Code, DisconnectRes, EvaluateRes, FitIns, GetPropertiesRes,
                              Status, ndarrays_to_parameters, parameters_to_ndarrays)
     from flwr.server import Server, SimpleClientManager
     from flwr.server.client_proxy import ClientProxy
@@ -126,7 +126,7 @@ class DPFedAvgStrategy(Strategy):
             weights = parameters_to_ndarrays(res.parameters)
             if len(weights) != len(self._sent):
                 raise ValueError(f"client {k} returned {len(weights)} arrays; expected {len(self._sent)}")
-            updates[k] = [torch.from_numpy(np.asarray(w, dtype=np.float32)).reshape(s.shape) - s
+            updates[k] = [_minus(w, s)
                           for w, s in zip(weights, self._sent)]
         self._sent = None
         info = self._record(self.dpfedavg.aggregate(updates))   # failures: drop-outs, nothing to add
@@ -150,6 +150,12 @@ class DPFedAvgStrategy(Strategy):
         info["delta"] = self.delta
         self.history.append(info)
         return info
+
+
+def _minus(weights, sent: torch.Tensor) -> torch.Tensor:
+    """Δ = returned − sent; a wrongly shaped array is left for DPFedAvg to refuse with a ValueError."""
+    w = torch.from_numpy(np.array(weights)).to(sent.dtype)
+    return w - sent if w.shape == sent.shape else w
 
 
 class DPFedAvgClient(NumPyClient):
@@ -176,7 +182,7 @@ class DPFedAvgClient(NumPyClient):
 
     def fit(self, parameters, config):
         g = _seeds.generator(self.seed, _seeds.LOCAL, int(config[ROUND_KEY]), int(config[CLIENT_KEY]))
-        global_params = [torch.from_numpy(np.asarray(a, dtype=np.float32)) for a in parameters]
+        global_params = [torch.from_numpy(np.array(a)).to(p.dtype) for a, p in zip(parameters, self.trainer.params)]
         self.trainer.update(global_params, self.data, g)
         return self.get_parameters(config), int(self.data[1].shape[0]), {}
 
