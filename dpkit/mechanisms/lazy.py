@@ -218,8 +218,12 @@ class RowNoise(abc.ABC):
 
     @abc.abstractmethod
     def combined(self, table: str, rows: torch.Tensor, starts: torch.Tensor, stop: int,
-                 history: StepHistory, shape: tuple[int, int]) -> torch.Tensor:
-        """(len(rows), shape[1]) float64 tensor of pending noise (see class docstring)."""
+                 history: StepHistory, shape: tuple[int, int], bulk: bool = False) -> torch.Tensor:
+        """(len(rows), shape[1]) float64 tensor of pending noise (see class docstring).
+
+        ``bulk=True`` marks a flush of many rows: a source may then draw from a faster sequential
+        stream, as long as every draw stays independent of all others.
+        """
 
     def state_dict(self) -> dict:
         return {}
@@ -233,6 +237,11 @@ class CounterGaussianRowNoise(RowNoise):
 
     One draw of N(0, V(a, b)·I) replaces the b − a eager draws (LazyDP's aggregated noise
     sampling); V comes from :meth:`StepHistory.variance`.
+
+    Flushes (``bulk=True``: many rows at once) draw their standard normals instead from ONE
+    sequential ``torch.Generator`` stream (MT19937) owned by this object, ~20× faster than the
+    numpy Philox; the stream is never re-seeded, so its draws never repeat, and it is part of
+    :meth:`state_dict`. Both kinds of draw are independent of each other (distinct generators).
 
     Args:
         seed: 0 ≤ seed < 2**64. Anyone who knows it can regenerate the noise: keep it as secret
@@ -249,6 +258,8 @@ class CounterGaussianRowNoise(RowNoise):
             raise ValueError(f"seed must be < 2**64; got {seed}")
         self.seed = seed
         self._keys: dict[str, tuple[int, int]] = {}
+        self._bulk = torch.Generator().manual_seed(int.from_bytes(
+            hashlib.blake2b(f"{seed}:bulk".encode(), digest_size=8).digest(), "little"))
 
     def key(self, table: str) -> tuple[int, int]:
         """The Philox key of ``table``: 64 bits of BLAKE2b(seed, table name)."""
@@ -258,18 +269,22 @@ class CounterGaussianRowNoise(RowNoise):
             self._keys[table] = (k & _MASK32, k >> 32)
         return self._keys[table]
 
-    def combined(self, table, rows, starts, stop, history, shape):
+    def combined(self, table, rows, starts, stop, history, shape, bulk=False):
         starts_np = starts.cpu().numpy()
-        std = np.sqrt(history.variance(starts_np, stop))
-        z = philox_normal(self.key(table), rows.cpu().numpy(), starts_np, stop, shape[1])
-        return torch.from_numpy(z * std[:, None]).to(rows.device)
+        std = torch.from_numpy(np.sqrt(history.variance(starts_np, stop)))
+        if bulk:
+            z = torch.randn(rows.numel(), shape[1], dtype=torch.float64, generator=self._bulk)
+        else:
+            z = torch.from_numpy(philox_normal(self.key(table), rows.cpu().numpy(), starts_np, stop, shape[1]))
+        return (z * std.unsqueeze(1)).to(rows.device)
 
     def state_dict(self):
-        return {"seed": self.seed}
+        return {"seed": self.seed, "bulk_state": self._bulk.get_state()}
 
     def load_state_dict(self, state):
         self.seed = int(state["seed"])
         self._keys.clear()
+        self._bulk.set_state(state["bulk_state"])
 
 
 class ProbeRowNoise(RowNoise, NoiseMechanism):
@@ -297,7 +312,7 @@ class ProbeRowNoise(RowNoise, NoiseMechanism):
             out.append(z.reshape(ref.shape).to(ref.dtype))
         return out
 
-    def combined(self, table, rows, starts, stop, history, shape):
+    def combined(self, table, rows, starts, stop, history, shape, bulk=False):
         counts = (stop - starts).cpu()
         owner = torch.repeat_interleave(torch.arange(rows.numel()), counts)
         first = torch.cumsum(counts, 0) - counts

@@ -126,7 +126,7 @@ class LazyEmbeddingNoise:
 
     # ------------------------------------------------------------ materialise
     @torch.no_grad()
-    def _materialise(self, table: _Table, rows: torch.Tensor, stop: int) -> None:
+    def _materialise(self, table: _Table, rows: torch.Tensor, stop: int, bulk: bool = False) -> None:
         """Bring ``rows`` (unique) to step ``stop``: decay since ``det``, noise since ``noised``."""
         det, noised = table.det[rows], table.noised[rows]
         late = noised < stop  # det ≥ noised, so this catches every row behind ``stop``
@@ -139,7 +139,7 @@ class LazyEmbeddingNoise:
         if self.scale > 0:
             # eager: w −= η·(σC z)/B̄ each step, so the pending noise enters with a minus sign
             noise = self.row_noise.combined(table.name, rows, noised, stop, table.history,
-                                            tuple(table.weight.shape))
+                                            tuple(table.weight.shape), bulk)
             w.sub_(self.scale * noise.to(w.device))
         table.weight.index_copy_(0, rows, w.to(table.weight.dtype))
         table.det[rows] = stop
@@ -168,7 +168,7 @@ class LazyEmbeddingNoise:
     def _flush_table(self, table: _Table) -> None:
         behind = torch.nonzero(table.noised < self.steps).flatten()
         for chunk in behind.split(FLUSH_CHUNK_ROWS):
-            self._materialise(table, chunk, self.steps)
+            self._materialise(table, chunk, self.steps, bulk=True)
 
     # --------------------------------------------------------------- stepping
     def prepare(self) -> None:
