@@ -95,3 +95,20 @@ def test_strategy_invalid_arguments():
                          client_index=3)
     with pytest.raises(ValueError, match="sampling_rate"):
         DPFedAvgStrategy([np.zeros(2)], num_clients=2, sampling_rate=0.0, noise_multiplier=1.0, clip_norm=1.0)
+
+
+def test_dropouts_and_malformed_results():
+    init = [np.zeros(3, np.float32)]
+    strategy = DPFedAvgStrategy(init, num_clients=4, sampling_rate=1.0, noise_multiplier=0.0, clip_norm=1e6, seed=0)
+    manager = SimpleClientManager()
+    for i in range(3):  # client 3 is sampled (q = 1) but never connected: a drop-out
+        manager.register(InProcessClientProxy(str(i), None))
+    instructions = strategy.configure_fit(1, None, manager)
+    assert sorted(int(p.cid) for p, _ in instructions) == [0, 1, 2]
+    ok = [(p, _fit_res([np.full(3, 2.0, np.float32)])) for p, _ in instructions[:2]]  # client 2 fails too
+    new, _ = strategy.aggregate_fit(1, ok, [RuntimeError("lost")])
+    # Σ Δ / (q·M): 2 reporting clients, public denominator 4
+    np.testing.assert_allclose(flwr.common.parameters_to_ndarrays(new)[0], 2 * 2.0 / 4)
+    instructions = strategy.configure_fit(2, new, manager)
+    with pytest.raises(ValueError, match="shape"):
+        strategy.aggregate_fit(2, [(instructions[0][0], _fit_res([np.zeros(4, np.float32)]))], [])
