@@ -105,3 +105,30 @@ def test_canary_estimate_needs_canaries():
                               noise_multiplier=1.0, clip_norm=1.0, progress=False)
     with pytest.raises(RuntimeError, match="canaries"):
         sim.canary_estimate()
+
+
+def test_local_training_with_adam_starts_fresh_for_every_client():
+    """LocalTrainer vs an independent loop: deep copy of the global model, NEW Adam, same batches."""
+    import copy
+
+    from dpkit.federated import LocalTrainer
+    from dpkit.federated import _seeds
+
+    data = tiny_data(num_clients=2, sizes=[7, 5])
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 3)
+    global_params = [p.detach().clone() for p in model.parameters()]
+    trainer = LocalTrainer(copy.deepcopy(model), lambda p: torch.optim.Adam(p, lr=0.05), epochs=2, batch_size=3)
+    for k, (x, y) in enumerate(data.clients):
+        got = trainer.update(global_params, (x, y), _seeds.generator(5, _seeds.LOCAL, 0, k))
+        ref = copy.deepcopy(model)
+        opt = torch.optim.Adam(ref.parameters(), lr=0.05)
+        g = _seeds.generator(5, _seeds.LOCAL, 0, k)
+        for _ in range(2):
+            order = torch.randperm(len(y), generator=g)
+            for s in range(0, len(y), 3):
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(ref(x[order[s:s + 3]]), y[order[s:s + 3]]).backward()
+                opt.step()
+        for d, r, g0 in zip(got, ref.parameters(), global_params):
+            torch.testing.assert_close(d, r.detach() - g0, rtol=0, atol=1e-7)
