@@ -148,7 +148,9 @@ def conditional_probabilities(C, *, noise_multiplier: float, sampling_prob: floa
             # p̃ = p e^ε / (p e^ε + 1 − p), computed stably via the log-odds
             ptilde[idx] = special.expit(math.log(p) - math.log1p(-p) + eps)
     ratio = np.minimum(np.ceil(ptilde / p / _RATIO_GRID) * _RATIO_GRID, 1.0 / p)
-    P = sparse.csr_matrix((np.minimum(ratio * p, 1.0), (rows, cols)), shape=C.shape)
+    # (1 + 1e-12): the product ratio·p must not round below the unrounded p̃
+    P = sparse.csr_matrix((np.minimum(np.where(ratio > 1.0, ratio * p * (1 + 1e-12), p), 1.0),
+                           (rows, cols)), shape=C.shape)
     return P, used
 
 
@@ -160,7 +162,7 @@ def _row_distribution(values: np.ndarray, probs: np.ndarray, max_atoms: int):
         atoms = np.concatenate([atoms, atoms + v])
         mass = np.concatenate([mass * (1.0 - q), mass * q])
         if atoms.size > max_atoms:
-            atoms = np.ceil(atoms / grid - 1e-12) * grid  # round up: stochastically larger
+            atoms = np.ceil(atoms / grid) * grid  # round up: stochastically larger
         atoms, inv = np.unique(atoms, return_inverse=True)
         mass = np.bincount(inv, weights=mass)
         keep = mass > 0
