@@ -21,9 +21,9 @@ outputs h = θ_{1:i−1}, at an additive δ for histories outside a "good" set. 
 participations s_{−j}, the posterior odds of s_j = 1 are ``p/(1−p)·L`` with
 ``ln L = (⟨h − C' s^{(0)}, c⟩ − ‖c‖²/2)/σ²`` (C' = first i−1 rows, c = C'[:, j], s^{(0)} = s with
 s_j = 0). Because C ≥ 0, ``ln L ≤ (⟨h, c⟩ − ‖c‖²/2)/σ²`` for every s_{−j}; under either dataset
-``⟨h, c⟩ ≤ Σ_k s_k⟨C'_k, c⟩ + σ‖c‖g`` whose upper tail we bound with a Chernoff bound
-(any λ > 0 is valid: ``P(X ≥ t) ≤ exp(K(λ) − λt)``, K = cumulant generating function of the
-Bernoulli sum plus the Gaussian). With probability ≥ 1 − δ_ij, ``L ≤ e^{ε_ij}`` and so every
+``⟨h, c⟩ ≤ Σ_k s_k⟨C'_k, c⟩ + σ‖c‖g`` whose upper tail we bound by the smaller of a Chernoff
+bound (any λ > 0 is valid: ``P(X ≥ t) ≤ exp(K(λ) − λt)``) and the exact Gaussian-mixture tail of
+the upward-coarsened Bernoulli sum. With probability ≥ 1 − δ_ij, ``L ≤ e^{ε_ij}`` and so every
 conditional ``P(s_j = 1 | h, s_{−j}) ≤ p̃_ij = p e^{ε_ij} / (p e^{ε_ij} + 1 − p)``. A sequential
 coupling then makes the posterior of s stochastically dominated by independent Bernoulli(p̃_ij),
 hence (C ≥ 0) the row's sensitivity ``Σ_j C_ij s_j`` by ``Σ_j C_ij Bernoulli(p̃_ij)``; a
@@ -92,15 +92,37 @@ def _check_encoder(C) -> np.ndarray:
     return C
 
 
-def _tail_epsilons(c2: float, a_list, sigma: float, p: float, log_inv_delta: float) -> float:
-    """ε with P(ln L > ε) <= δ: Chernoff bound on ⟨h, c⟩, minimised over a λ grid."""
+def _tail_epsilons(c2: float, a_list, sigma: float, p: float, log_inv_delta: float,
+                   max_atoms: int = 64) -> float:
+    """ε with P(ln L > ε) <= δ, from an upper tail bound t on X = Σ_k s_k a_k + σ‖c‖g.
+
+    Two valid bounds, the smaller is used: (1) Chernoff, ``P(X ≥ t) ≤ exp(K(λ) − λt)`` minimised
+    over a λ grid (K = cumulant generating function); (2) the exact mixture tail
+    ``Σ_atoms w·Φ̄((t − atom)/(σ‖c‖))`` with the law of the Bernoulli sum coarsened upward,
+    inverted by bisection (the returned end point is checked to satisfy the bound).
+    """
     a = np.asarray(a_list, float)
+    sd = sigma * math.sqrt(c2)
     lam0 = math.sqrt(2.0 * log_inv_delta / (sigma * sigma * c2))
     lam = lam0 * np.geomspace(1e-3, 3.0, 96)
     # K(λ) = λ²σ²‖c‖²/2 + Σ_k log(1 − p + p e^{λ a_k})
     log_mgf = np.logaddexp(math.log1p(-p), math.log(p) + lam[:, None] * a[None, :]).sum(axis=1)
-    t = (0.5 * lam * lam * sigma * sigma * c2 + log_mgf + log_inv_delta) / lam
-    return (float(t.min()) - 0.5 * c2) / (sigma * sigma)
+    t_hi = float(((0.5 * lam * lam * sigma * sigma * c2 + log_mgf + log_inv_delta) / lam).min())
+    atoms, mass = _row_distribution(a, np.full(a.size, p), max_atoms)
+    log_mass = np.log(mass)
+
+    def log_tail(t):
+        return float(special.logsumexp(log_mass + special.log_ndtr((atoms - t) / sd)))
+
+    lo, hi = 0.0, t_hi
+    if log_tail(hi) <= -log_inv_delta:  # Chernoff's t is valid; tighten by bisection
+        for _ in range(40):
+            mid = 0.5 * (lo + hi)
+            if log_tail(mid) <= -log_inv_delta:
+                hi = mid
+            else:
+                lo = mid
+    return (min(hi, t_hi) - 0.5 * c2) / (sigma * sigma)
 
 
 def conditional_probabilities(C, *, noise_multiplier: float, sampling_prob: float,
@@ -138,13 +160,18 @@ def conditional_probabilities(C, *, noise_multiplier: float, sampling_prob: floa
         log_inv = math.log(count / tail_delta)
         used = tail_delta
         Cr = sparse.csr_matrix(C)
+        memo: dict = {}  # stationary (e.g. banded Toeplitz) pairs repeat exactly
         for idx in np.nonzero(needs)[0]:
             i, j = int(rows[idx]), int(cols[idx])
             top = Cr[:i]
             c = top[:, [j]]
             c2 = float(c.multiply(c).sum())
             a = (top.T @ c).toarray().ravel()
-            eps = _tail_epsilons(c2, a[a > 0], sigma, p, log_inv)
+            a = np.sort(a[a > 0])
+            key = (c2, a.tobytes())
+            if key not in memo:
+                memo[key] = _tail_epsilons(c2, a, sigma, p, log_inv)
+            eps = memo[key]
             # p̃ = p e^ε / (p e^ε + 1 − p), computed stably via the log-odds
             ptilde[idx] = special.expit(math.log(p) - math.log1p(-p) + eps)
     ratio = np.minimum(np.ceil(ptilde / p / _RATIO_GRID) * _RATIO_GRID, 1.0 / p)

@@ -240,3 +240,16 @@ def test_mmcc_and_numpy_strategies_import_without_torch():
             "MatrixMechanismAccountant(C, noise_multiplier=2.0, sampling_prob=0.1)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_tail_bound_holds_and_is_tight_by_monte_carlo():
+    from dpkit.accountants.mmcc import _tail_epsilons
+    rng = np.random.default_rng(1)
+    a, c2, sigma, p, delta = np.array([0.3, 0.5, 0.9]), 0.81, 0.7, 0.3, 0.05
+    eps = _tail_epsilons(c2, a, sigma, p, math.log(1 / delta))
+    t = eps * sigma ** 2 + c2 / 2  # invert ε = (t − ‖c‖²/2)/σ²
+    x = (rng.random((200_000, 3)) < p) @ a + sigma * math.sqrt(c2) * rng.normal(size=200_000)
+    hits = int(np.sum(x >= t))
+    # a valid upper tail bound (one-sided binomial test: the bound is nearly exact here) ...
+    assert stats.binomtest(hits, x.size, delta, alternative="greater").pvalue > 1e-4
+    assert hits >= 0.6 * delta * x.size  # ... and close to exact (Chernoff alone is far looser)
