@@ -40,7 +40,7 @@ def test_joint_release_is_the_gaussian_of_the_accounted_multiplier():
 
 
 def test_adaptive_round_accounts_z_and_adds_the_raised_update_noise():
-    d, m, z, c = 6000, 5, 1.2, 0.7
+    d, m, z, c = 3000, 5, 1.2, 0.7
     ac = AdaptiveClipping(count_stddev=1.5)
     server = DPFedAvg([torch.zeros(d)], num_clients=m, sampling_rate=1.0, noise_multiplier=z, clip_norm=c,
                       adaptive_clipping=ac, seed=1)

@@ -41,9 +41,9 @@ def _both(num_clients, q, rounds, adaptive=None, **kw):
     return sim, strategy
 
 
-@pytest.mark.parametrize("server_optimizer, adaptive", [("fedavg", None), ("fedadam", AdaptiveClipping(count_stddev=1.0))])
-def test_flower_strategy_equals_dpkit_simulator(server_optimizer, adaptive):
-    sim, strategy = _both(8, 0.5, 4, adaptive, server_optimizer=server_optimizer)
+def test_flower_strategy_equals_dpkit_simulator():
+    """FedAdam + adaptive clipping (fixed clipping and FedAvg: the empty-rounds test below)."""
+    sim, strategy = _both(8, 0.5, 4, AdaptiveClipping(count_stddev=1.0), server_optimizer="fedadam")
     for a, b in zip(sim.server.params, strategy.current_parameters):
         np.testing.assert_array_equal(a.numpy(), b)
     assert [h["nonprivate"]["cohort_size"] for h in sim.history] == \
