@@ -32,6 +32,9 @@ counter-based generator (Salmon, Moraes, Dror, Shaw, SC 2011 "Parallel random nu
 1, 2, 3") vectorised in numpy uint64 arithmetic, then Box–Muller on 53-bit uniforms. Ranges of one
 row are disjoint, so every draw has a distinct counter: draws are independent across rows, tables
 and steps (as far as Philox is a pseudo-random function), reproducible, and order-independent.
+A flush of a whole table (``bulk=True``) instead draws from one sequential torch generator stream
+owned by the source (never re-seeded, checkpointed): ~20× faster than numpy Philox, and still one
+fresh, independent draw per (row, range).
 """
 
 from __future__ import annotations
