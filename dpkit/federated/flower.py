@@ -95,9 +95,11 @@ class DPFedAvgStrategy(Strategy):
 
     # ---------------------------------------------------------------- Flower interface
     def initialize_parameters(self, client_manager):
+        """The initial global model (Flower's server starts from it)."""
         return ndarrays_to_parameters(self.current_parameters)
 
     def configure_fit(self, server_round, parameters, client_manager):
+        """Poisson-sample the cohort from the whole population; run empty rounds here (noise only)."""
         proxies = {}
         for proxy in client_manager.all().values():
             k = self.client_index(proxy)
@@ -116,6 +118,7 @@ class DPFedAvgStrategy(Strategy):
                 for k in present]
 
     def aggregate_fit(self, server_round, results, failures):
+        """Δ_k = returned − sent weights; clip, noise once, divide by q·M, step, account (DPFedAvg)."""
         if self._sent is None:
             raise RuntimeError("aggregate_fit called without a configured round")
         updates = {}
@@ -140,6 +143,7 @@ class DPFedAvgStrategy(Strategy):
         return None, {}
 
     def evaluate(self, server_round, parameters):
+        """Centralised evaluation of the strategy's (authoritative) model with ``evaluate_fn``."""
         if self.evaluate_fn is None:
             return None
         return self.evaluate_fn(server_round, self.current_parameters)

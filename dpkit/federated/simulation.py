@@ -88,6 +88,7 @@ class FederatedSimulation:
                 canary_seed = _seeds.derive_seed(0 if seed is None else seed, _seeds.CANARY)
             self.canaries = Canaries(self.num_canaries, self.dim, seed=canary_seed)
         self.history: list[dict] = []
+        self._planned = math.inf  # last round of the current run(): ε and evaluation always logged there
 
     @staticmethod
     def _flat(tensors) -> np.ndarray:
@@ -137,8 +138,6 @@ class FederatedSimulation:
             bar.set_postfix({k: f"{v:.3g}" for k, v in post.items() if v is not None})
         bar.close()
         return out
-
-    _planned = math.inf
 
     @torch.no_grad()
     def evaluate(self) -> dict:
