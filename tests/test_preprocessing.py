@@ -95,13 +95,13 @@ def test_total_epsilon_is_the_composition_of_the_parts():
     assert res.steps == 2 * 6
     assert res.epsilon == pytest.approx(ref.get_epsilon(delta), rel=5e-3)
     assert res.epsilon <= eps and res.epsilon > 0.98 * eps
-    assert ref_pre == pytest.approx(frac * eps, rel=1e-2)
+    assert ref_pre == pytest.approx(frac * eps, rel=1e-2)  # exact Gaussian curve vs PLD
     assert len(res.accountant.ledger) == 5  # four preprocessing releases + the DP-SGD steps, one ledger
 
 
 def test_shifted_digits_dpsgdf_clearly_ahead_at_equal_epsilon():
     Xtr, Xte, ytr, yte = _digits_shifted()
-    kw = dict(epsilon=4.0, delta=1e-5, feature_bound=1000.0, epochs=4, batch_size=256, lr=2.0, random_state=1)
+    kw = dict(epsilon=4.0, delta=1e-5, feature_bound=1000.0, epochs=3, batch_size=256, lr=2.0, random_state=1)
     f = DPSGDFClassifier(preprocess=True, **kw).fit(Xtr, ytr)
     b = DPSGDFClassifier(preprocess=False, **kw).fit(Xtr, ytr)
     assert f.epsilon_ <= 4.0 and b.epsilon_ <= 4.0
@@ -115,7 +115,7 @@ def test_linear_regression_task_learns():
     x = rng.normal(size=(800, 3))
     y = x @ np.array([1.0, -2.0, 0.5]) + 0.1 * rng.normal(size=800)
     res = dpsgdf_train(x + 30.0, y, task="linear", target_epsilon=8.0, target_delta=1e-5, feature_bound=100.0,
-                       epochs=5, batch_size=100, lr=0.5, seed=0)
+                       epochs=4, batch_size=100, lr=0.5, seed=0)
     with torch.no_grad():
         pred = res.model(res.transform(x + 30.0).float()).squeeze(1).numpy()
     assert np.mean((pred - y) ** 2) < 0.5 * np.var(y)

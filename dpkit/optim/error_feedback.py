@@ -39,9 +39,10 @@ s_A² : s_B² = q C1 : 2 B̄ C2.
 
 Consequences: C2 = 0 is exactly DP-SGD (the event is ``dpsgd_event``); for C2 > 0 the ε is
 strictly larger than DP-SGD's at the same σ and C1; and C2 must be small compared with C1/B̄ for
-the cost to stay moderate. The paper's Theorem (RDP analysis of Section 3) reports a noise only a
-constant factor above DP-SGD; it could not be reproduced without a bound on the per-example
-gradients (not enforceable for arbitrary data), so dpkit uses the worst-case bound above.
+the cost to stay moderate. The paper gives an algorithm-specific Rényi-DP analysis with a noise only
+slightly larger than DP-SGD's; we could not retrieve its exact statement nor reproduce such a
+calibration for arbitrary data (it would need a bound on the per-example gradients, which cannot be
+enforced), so dpkit uses the worst-case bound above. See docs/dicesgd_dpsgdf.md.
 """
 
 from __future__ import annotations

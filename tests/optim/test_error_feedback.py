@@ -62,7 +62,7 @@ def test_clip2_zero_is_dpsgd_exactly(mode):
         _step(b, opt_b, x, y)
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.equal(pa, pb)
-    assert opt_b.epsilon(1e-5) == opt_a.epsilon(1e-5)
+    assert opt_b.step_event == opt_a.step_event  # C2 = 0 is accounted as DP-SGD itself
 
 
 @pytest.mark.parametrize("mode", ["bk", "per_sample"])
@@ -282,11 +282,11 @@ def test_make_private_keyword_recalibrates_for_target():
                                    max_grad_norm=1.0, target_epsilon=3.0, target_delta=1e-5, steps=50,
                                    sample_rate=0.1, expected_batch_size=10,
                                    error_feedback={"clip2": 0.001})
-    base = dpkit.accountants.calibrate_noise_multiplier(3.0, 1e-5, 0.1, 50)
-    assert opt.noise_multiplier > base
     ledger = make_accountant("pld").compose(opt.step_event, 50)
-    assert ledger.epsilon(1e-5) <= 3.0
-    assert opt.engine.track_unclipped
+    assert 0.99 * 3.0 < ledger.epsilon(1e-5) <= 3.0
+    # DP-SGD alone at this σ is strictly below the target: the feedback part costs extra
+    assert make_accountant("pld").compose(dpsgd_event(opt.noise_multiplier, 0.1, 50)).epsilon(1e-5) < 2.9
+    assert opt.engine.track_unclipped and opt.max_steps == 50
 
 
 def test_make_private_keyword_trains_and_refuses_fixed_size():
