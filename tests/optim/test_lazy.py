@@ -389,3 +389,42 @@ def test_schedule_turning_on_momentum_is_refused_before_any_update():
     assert opt.steps == 0
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+class _BagWithOffsets(nn.Module):
+    """EmbeddingBag fed 1-D ids + offsets + per-sample weights (the flat input format)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bag = nn.EmbeddingBag(25, 3, mode="sum")
+        self.out = nn.Linear(3, 1)
+
+    def forward(self, ids, offsets, weights):
+        return self.out(self.bag(ids, offsets, per_sample_weights=weights)).squeeze(1)
+
+
+def test_embedding_bag_offsets_and_weights_equal_eager():
+    g = torch.Generator().manual_seed(5)
+    data = []
+    for t in range(6):
+        lengths = torch.randint(1, 4, (4,), generator=g)
+        ids = torch.randint(0, min(25, 5 + 4 * t), (int(lengths.sum()),), generator=g)
+        offsets = torch.cumsum(lengths, 0) - lengths
+        data.append((ids, offsets, torch.rand(ids.numel(), generator=g, dtype=torch.float64),
+                     torch.randn(4, generator=g, dtype=torch.float64)))
+    states = []
+    for mode in ("eager", "lazy"):
+        torch.manual_seed(0)
+        model = _BagWithOffsets().double()
+        probe = ProbeRowNoise()
+        _, opt, _ = dpkit.make_private(model, torch.optim.SGD(model.parameters(), lr=0.2, weight_decay=0.1),
+                                       None, max_grad_norm=0.5, noise_multiplier=0.7, sample_rate=0.1,
+                                       expected_batch_size=4, noise=probe,
+                                       embedding_noise=probe if mode == "lazy" else "eager")
+        for ids, offsets, weights, target in data:
+            opt.zero_grad()
+            ((model(ids, offsets, weights) - target) ** 2).mean().backward()
+            opt.step()
+        states.append(model.state_dict())
+    for name in states[0]:
+        torch.testing.assert_close(states[1][name], states[0][name], rtol=1e-12, atol=1e-12)
