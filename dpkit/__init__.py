@@ -25,6 +25,7 @@ _LAZY = {
     "DPDataLoader": "dpkit.data",
     "PoissonBatchSampler": "dpkit.data",
     "GradientEngine": "dpkit.grad_sample",
+    "CorrelatedNoise": "dpkit.mechanisms.matrix",
     "replace_batchnorm": "dpkit.grad_sample",
 }
 _SUBPACKAGES = {"accountants", "audit", "mechanisms", "grad_sample", "optim", "data",

@@ -27,6 +27,11 @@ _PUBLIC = {
     "PrivacyBudget": "budget",
     # matrix mechanisms (MMCC)
     "mmcc_epsilon": "mmcc",
+    "mmcc_analysis": "mmcc",
+    "MMCCResult": "mmcc",
+    "MatrixMechanismAccountant": "mmcc",
+    "banded_amplified_epsilon": "mmcc",
+    "unamplified_epsilon": "mmcc",
     # amplification by iteration
     "IterationAccountant": "iteration",
 }

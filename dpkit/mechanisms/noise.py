@@ -65,7 +65,7 @@ class GaussianNoise(NoiseMechanism):
             g = torch.Generator(device=device)
             g.manual_seed(int.from_bytes(os.urandom(8), "little"))
             return g
-        if self.generator is not None and self.generator.device != device:
+        if self.generator is not None and not _same_device(self.generator.device, device):
             raise ValueError(
                 f"generator must live on the parameters' device {device}; got a generator on "
                 f"{self.generator.device}. Pass torch.Generator(device={str(device)!r}).")
@@ -93,3 +93,12 @@ class GaussianNoise(NoiseMechanism):
     def load_state_dict(self, state):
         if "generator_state" in state and self.generator is not None:
             self.generator.set_state(state["generator_state"])
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` and ``cuda:0`` name the same device when 0 is the current one."""
+    def index(d):
+        if d.type == "cuda" and d.index is None:
+            return torch.cuda.current_device()
+        return d.index or 0
+    return a.type == b.type and index(a) == index(b)
