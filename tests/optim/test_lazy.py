@@ -48,7 +48,8 @@ def _batches(steps, seed=1, batch=4):
              torch.randn(batch, generator=g, dtype=torch.float64)) for t in range(steps)]
 
 
-def _setup(mode, *, wd=0.0, lr=0.1, schedule=False, noise=None, sigma=0.7, seed=0, optimizer=None):
+def _setup(mode, *, wd=0.0, lr=0.1, schedule=False, noise=None, sigma=0.7, seed=0, optimizer=None,
+           clipping="bk"):
     torch.manual_seed(seed)
     model = _Recsys().double()
     base = optimizer(model) if optimizer else torch.optim.SGD(model.parameters(), lr=lr, weight_decay=wd)
@@ -56,7 +57,7 @@ def _setup(mode, *, wd=0.0, lr=0.1, schedule=False, noise=None, sigma=0.7, seed=
     emb = mode if noise is not None or mode == "eager" else probe
     _, opt, _ = dpkit.make_private(model, base, None, max_grad_norm=0.5, noise_multiplier=sigma,
                                    sample_rate=0.1, expected_batch_size=4, noise=probe,
-                                   embedding_noise=emb,
+                                   embedding_noise=emb, clipping=clipping,
                                    generator=None if noise is None else torch.Generator().manual_seed(noise))
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5) if schedule else None
     return model, opt, sched
@@ -92,6 +93,17 @@ def test_lazy_equals_eager_with_probe_noise(wd, schedule):
     for name in e:
         torch.testing.assert_close(l_[name], e[name], rtol=1e-12, atol=1e-12, msg=name)
     assert not torch.equal(e["user.weight"][untouched], init.detach()[untouched])  # noise did arrive
+
+
+def test_per_sample_engine_lazy_equals_eager():
+    batches = _batches(5)
+    eager, opt_e, _ = _setup("eager", wd=0.2, clipping="per_sample")
+    lazy, opt_l, _ = _setup("lazy", wd=0.2, clipping="per_sample")
+    _train(eager, opt_e, None, batches)
+    _train(lazy, opt_l, None, batches)
+    e, l_ = eager.state_dict(), lazy.state_dict()
+    for name in e:
+        torch.testing.assert_close(l_[name], e[name], rtol=1e-12, atol=1e-12, msg=name)
 
 
 def test_gradient_accumulation_virtual_batches_equal_eager():
