@@ -29,6 +29,7 @@ that the composed total meets the target.
 from __future__ import annotations
 
 import math
+import secrets
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -360,7 +361,7 @@ def dpsgdf_train(x, y, *, target_epsilon, target_delta, feature_bound, task="log
     if seed is not None:
         seed = V.positive_int("seed", seed, allow_zero=True)
     make_accountant(accountant)  # validate the name eagerly
-    gen = torch.Generator().manual_seed(seed if seed is not None else int(torch.seed() % 2**62))
+    gen = torch.Generator().manual_seed(seed if seed is not None else secrets.randbits(62))
 
     if task == "logistic":
         classes, targets = torch.unique(y, return_inverse=True)
@@ -386,8 +387,9 @@ def dpsgdf_train(x, y, *, target_epsilon, target_delta, feature_bound, task="log
     steps = epochs * steps_per_epoch
     sigma = _calibrate_total(pre_events, eps, delta, batch_size / n, steps, accountant)
 
-    torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
-    model = nn.Linear(d, out_dim)
+    with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the global RNG
+        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
+        model = nn.Linear(d, out_dim)
     features = transform(x).to(torch.float32)
     loader = DataLoader(TensorDataset(features, targets), batch_size=batch_size)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)

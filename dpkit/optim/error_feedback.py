@@ -262,8 +262,9 @@ class ErrorFeedback:
         """Contribution hook: return B̄·clip(e_t, C2) and advance e to e_{t+1} (paper's update)."""
         engine = self.optimizer.engine
         b = self.optimizer.expected_batch_size
-        if self.error is None:
-            self.error = [torch.zeros_like(p) for p in params]
+        if self.error is None:  # at least float32: residuals accumulate over many steps
+            self.error = [torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32))
+                          for p in params]
         if len(self.error) != len(params) or any(e.shape != p.shape for e, p in zip(self.error, params)):
             raise RuntimeError("the optimizer's parameters changed since the error state was created; "
                                "error feedback needs a fixed set of trainable parameters")
@@ -273,7 +274,7 @@ class ErrorFeedback:
         for i, p in enumerate(params):
             residual = (engine.unclipped_sum(p) - engine.clipped_sum(p)) / b
             self.error[i] = self.error[i] - feedback[i] + residual.to(self.error[i].dtype)
-        return [b * f for f in feedback]
+        return [(b * f).to(p.dtype) for f, p in zip(feedback, params)]
 
     def state_dict(self) -> dict:
         """The hidden error state (PRIVATE data: see the class docstring) and C2."""

@@ -133,6 +133,43 @@ def test_feedback_removes_clipping_bias_over_time():
         assert e.abs().max() > 0
 
 
+def test_one_example_moves_every_later_output_by_about_c2():
+    """Why the feedback part is accounted without amplification: an example with a huge gradient
+    that took part ONCE shifts the released update of each later step by ≈ C2 (mean units)."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(20, 2, generator=g, dtype=torch.float64), torch.randn(20, generator=g, dtype=torch.float64)
+    outlier_x, outlier_y = torch.tensor([[1.0, 0.0]], dtype=torch.float64), torch.tensor([1e6], dtype=torch.float64)
+    C1, C2, B = 1.0, 0.05, 20.0
+    released = []
+    for with_outlier in (False, True):
+        model = nn.Linear(2, 1, bias=False).double()
+        with torch.no_grad():
+            model.weight.zero_()
+        opt = _dp(model, torch.optim.SGD(model.parameters(), lr=0.0), clip1=C1, sigma=0.0, batch=B)
+        attach_error_feedback(opt, clip2=C2, sampling_prob=1.0)
+        updates = []
+        for t in range(12):
+            xb, yb = (torch.cat([x, outlier_x]), torch.cat([y, outlier_y])) if with_outlier and t == 0 else (x, y)
+            opt.zero_grad()
+            (0.5 * (model(xb).squeeze(1) - yb) ** 2).sum().backward()
+            opt.step()
+            updates.append(model.weight.grad.clone())
+        released.append(updates)
+    shifts = [float((a - b).norm()) for a, b in zip(*released)]
+    assert shifts[0] == pytest.approx(C1 / B, rel=1e-9)        # the step it was sampled in: C1/B̄
+    assert all(s > 0.9 * C2 for s in shifts[1:])                 # every later step: ≈ C2 ≫ C1/B̄
+
+
+def test_low_precision_parameters_keep_a_float32_state():
+    x, y = _data(8)
+    model = _mlp().to(torch.bfloat16)
+    opt = _dp(model, torch.optim.SGD(model.parameters(), lr=0.1), clip1=0.1, sigma=1.0, batch=8)
+    fb = attach_error_feedback(opt, clip2=0.01, sampling_prob=0.25)
+    _step(model, opt, x.to(torch.bfloat16), y)
+    assert all(e.dtype == torch.float32 for e in fb.error)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
 @pytest.mark.parametrize("q,sigma,c2,b", [(0.01, 1.0, 1e-3, 50), (0.1, 2.0, 0.01, 10), (0.05, 3.0, 0.002, 64)])
 def test_epsilon_at_least_dpsgd_vs_dp_accounting(q, sigma, c2, b):
     steps = 200
