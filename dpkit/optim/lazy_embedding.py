@@ -176,8 +176,11 @@ class LazyEmbeddingNoise:
         anything is updated) and drop the lazy tables' autograd gradients so the base skips them.
 
         Raises:
-            ValueError: a param group now has momentum, nesterov, maximize or lr·weight_decay ≥ 1.
+            ValueError: a param group now has momentum, nesterov, maximize or lr·weight_decay ≥ 1,
+                or the run reaches 2**31 steps.
         """
+        if self.steps + 1 > MAX_COUNTER:
+            raise ValueError(f"lazy embedding noise supports < 2**31 steps; got step {self.steps + 1}")
         for table in self.tables.values():
             _check_group(table.group)
             table.weight.grad = None
@@ -193,8 +196,6 @@ class LazyEmbeddingNoise:
         Call :meth:`prepare` first.
         """
         t = self.steps
-        if t + 1 > MAX_COUNTER:
-            raise ValueError(f"lazy embedding noise supports < 2**31 steps; got step {t + 1}")
         for table in self.tables.values():
             lr, wd = float(table.group["lr"]), float(table.group.get("weight_decay", 0.0))
             table.history.append(lr, wd)
