@@ -138,7 +138,8 @@ class DPOptimizer(torch.optim.Optimizer):
         Used to insert audit canaries (e.g. :mod:`dpkit.audit.canaries`): the returned tensors
         (one per parameter, same shapes) are added to Σ_i c_i g_i BEFORE noise and normalisation,
         exactly like extra clipped examples. The hook is responsible for bounding each canary's
-        contribution by the clip norm. Returns a handle with ``remove()``.
+        contribution by the clip norm. With ``embedding_noise="lazy"`` the hook receives (and must
+        return tensors for) the dense parameters only. Returns a handle with ``remove()``.
         """
         if not callable(hook):
             raise TypeError(f"hook must be callable; got {type(hook).__name__}")
