@@ -23,8 +23,9 @@ from dpkit.errors import CalibrationError
 __all__ = ["calibrate_noise_multiplier", "steps_for_budget", "epochs_to_steps"]
 
 DEFAULT_MAX_NOISE_MULTIPLIER = 1e4
-# below this σ the search stops halving: numerical accountants become slow and meaningless there
-_MIN_NOISE_MULTIPLIER = 1e-2
+# the search never evaluates σ below this: a PLD of a subsampled Gaussian with σ < 0.1 needs a
+# grid of millions of points (minutes, GBs), and such σ only meet targets of ε in the tens
+_MIN_NOISE_MULTIPLIER = 0.1
 
 
 def _accountant_factory(accountant):
@@ -63,7 +64,8 @@ def calibrate_noise_multiplier(target_epsilon, target_delta, sampling_prob=None,
 
     Guarantees (w.r.t. the chosen accountant, assuming ε decreases in σ): ε(σ) ≤ target (never
     overshoots) and ε(σ·(1 − rtol)) > target; the search always terminates (≤ ~60 evaluations).
-    If even σ = 0.01 meets the target, 0.01 is returned (smaller σ are not searched).
+    σ below 0.1 is never searched: if the target is so loose that σ < 0.2 meets it, the smallest
+    feasible σ of the halving sequence 1, 1/2, 1/4, 1/8 is returned (still never overshooting).
 
     Args:
         target_epsilon: ε > 0.
@@ -100,9 +102,11 @@ def calibrate_noise_multiplier(target_epsilon, target_delta, sampling_prob=None,
     hi = min(1.0, max_sigma)
     if feasible(hi):
         lo = hi / 2
-        while feasible(lo):
-            if lo <= _MIN_NOISE_MULTIPLIER:
-                return lo
+        while True:
+            if lo < _MIN_NOISE_MULTIPLIER:
+                return hi  # feasible; smaller σ are not searched (see the docstring)
+            if not feasible(lo):
+                break
             hi, lo = lo, lo / 2
     else:
         while True:

@@ -236,3 +236,28 @@ def leaves_with_counts(event: _dpe.DpEvent, count: int = 1):
             yield from leaves_with_counts(sub, count)
     else:
         yield event, count
+
+
+def merge_gaussians(leaf_counts):
+    """Fold every plain Gaussian leaf into ONE equivalent Gaussian; return ``(sigma or None, rest)``.
+
+    n_i releases of the Gaussian mechanism with noise multipliers σ_i compose EXACTLY to one
+    Gaussian with σ = (Σ n_i / σ_i²)^(-1/2) (Dong, Roth, Su, JRSS-B 2022, Cor. 3.3: μ-GDP
+    composes as μ² = Σ μ_i², and the Gaussian mechanism is exactly 1/σ-GDP). Numerical
+    accountants then handle one Gaussian instead of self-composing a huge count, which is both
+    faster and tighter. ``rest`` keeps the other ``(leaf, count)`` pairs, merged by equality.
+    """
+    inv_var = 0.0
+    rest: list = []
+    for leaf, count in leaf_counts:
+        if isinstance(leaf, _dpe.GaussianDpEvent) and leaf.noise_multiplier > 0:
+            inv_var += count / float(leaf.noise_multiplier) ** 2
+            continue
+        for pair in rest:  # linear scan: leaves such as mixtures hold lists and are unhashable
+            if pair[0] == leaf:
+                pair[1] += count
+                break
+        else:
+            rest.append([leaf, count])
+    sigma = 1.0 / inv_var ** 0.5 if inv_var > 0 else None
+    return sigma, [tuple(pair) for pair in rest]

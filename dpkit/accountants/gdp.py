@@ -18,37 +18,11 @@ import math
 import warnings
 
 from dp_accounting import dp_event as _dpe
-from scipy import optimize, special
-
 from dpkit.accountants import events as _events
+from dpkit.accountants._gaussian import gaussian_delta, gaussian_epsilon
 from dpkit.accountants.base import Accountant
 
-__all__ = ["GDPAccountant", "gdp_delta", "gdp_epsilon"]
-
-
-def gdp_delta(mu: float, epsilon: float) -> float:
-    """δ(ε) of μ-GDP (Dong, Roth, Su, Cor. 2.13), computed in log space for large ε."""
-    if mu == 0:
-        return 0.0
-    if math.isinf(mu):
-        return 1.0
-    a = special.ndtr(-epsilon / mu + mu / 2)
-    b = math.exp(epsilon + special.log_ndtr(-epsilon / mu - mu / 2))
-    return float(min(1.0, max(0.0, a - b)))
-
-
-def gdp_epsilon(mu: float, delta: float) -> float:
-    """Smallest ε ≥ 0 with δ(ε) ≤ ``delta`` for μ-GDP (δ(ε) is decreasing in ε)."""
-    if mu == 0:
-        return 0.0
-    if math.isinf(mu):
-        return math.inf
-    if gdp_delta(mu, 0.0) <= delta:
-        return 0.0
-    hi = max(1.0, mu)
-    while gdp_delta(mu, hi) > delta:
-        hi *= 2.0
-    return float(optimize.brentq(lambda e: gdp_delta(mu, e) - delta, 0.0, hi, xtol=1e-12, rtol=1e-12))
+__all__ = ["GDPAccountant"]
 
 
 class GDPAccountant(Accountant):
@@ -103,8 +77,8 @@ class GDPAccountant(Accountant):
 
     def _epsilon_from_ledger(self, delta: float) -> float:
         self._warn()
-        return gdp_epsilon(self.mu(), delta)
+        return gaussian_epsilon(self.mu(), delta)
 
     def _delta_from_ledger(self, epsilon: float) -> float:
         self._warn()
-        return gdp_delta(self.mu(), epsilon)
+        return gaussian_delta(self.mu(), epsilon)

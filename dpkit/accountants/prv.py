@@ -12,6 +12,8 @@ Poisson-sampled Laplace and every other event type (use "pld" or "rdp").
 
 prv_accountant's subsampled-Gaussian variable is the "remove" direction (mixture vs N(0, σ²)),
 the dominating one for ε ≥ 0 (checked against dp_accounting's two-direction PLD in the tests).
+A ledger made only of Gaussian releases is answered in closed form (exact; the composition of
+Gaussians is a Gaussian), since prv's grid would be enormous for a tiny effective σ.
 When prv_accountant cannot produce a number (it raises for some very large ε / strongly
 non-private settings, cf. Opacus #591), dpkit falls back to the RDP upper bound with a
 ``UserWarning``, which is still a valid (looser) bound.
@@ -26,6 +28,7 @@ from dp_accounting import dp_event as _dpe
 
 from dpkit import _validate as V
 from dpkit.accountants import events as _events
+from dpkit.accountants._gaussian import gaussian_delta, gaussian_epsilon
 from dpkit.accountants.base import Accountant
 
 __all__ = ["PRVAccountant"]
@@ -99,10 +102,13 @@ class PRVAccountant(Accountant):
         cache = self._backend_cache = self._backend_cache or {}
         if delta_error not in cache:
             prvs, counts = [], []
+            # all Gaussian releases compose exactly to one Gaussian (events.merge_gaussians)
+            inv_var = sum(n / key[1] ** 2 for key, n in self._grouped().items() if key[0] == "gaussian")
+            if inv_var > 0:
+                prvs.append(GaussianMechanism(noise_multiplier=inv_var ** -0.5))
+                counts.append(1)
             for key, count in self._grouped().items():
-                if key[0] == "gaussian":
-                    prvs.append(GaussianMechanism(noise_multiplier=key[1]))
-                elif key[0] == "laplace":
+                if key[0] == "laplace":
                     prvs.append(LaplaceMechanism(mu=1.0 / key[1]))
                 elif key[0] == "poisson_gaussian":
                     prvs.append(PoissonSubsampledGaussianMechanism(sampling_probability=key[1],
@@ -124,9 +130,20 @@ class PRVAccountant(Accountant):
             rdp.compose(event, count)
         return rdp
 
+    def _gaussian_only(self):
+        """μ when the ledger holds only Gaussian releases (closed form, exact), else None."""
+        grouped = self._grouped()
+        if not grouped or any(key[0] not in ("gaussian", "noop") for key in grouped):
+            return None
+        inv_var = sum(n / key[1] ** 2 for key, n in grouped.items() if key[0] == "gaussian")
+        return math.sqrt(inv_var) if inv_var > 0 else None
+
     def _epsilon_from_ledger(self, delta: float) -> float:
         if ("nonprivate",) in self._grouped():
             return math.inf
+        mu = self._gaussian_only()
+        if mu is not None:  # exact; prv's FFT grid would be huge for a tiny effective σ
+            return gaussian_epsilon(mu, delta)
         try:  # prv_accountant raises while building (discretisation) or while inverting
             built = self._prv_accountant(delta * _DELTA_ERROR_RATIO)
             if built is None:
@@ -139,6 +156,9 @@ class PRVAccountant(Accountant):
     def _delta_from_ledger(self, epsilon: float) -> float:
         if ("nonprivate",) in self._grouped():
             return 1.0
+        mu = self._gaussian_only()
+        if mu is not None:
+            return gaussian_delta(mu, epsilon)
         try:
             built = self._prv_accountant(_DELTA_QUERY_ERROR)
             if built is None:
