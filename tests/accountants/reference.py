@@ -2,7 +2,6 @@
 
 import math
 
-import numpy as np
 from scipy import integrate, optimize, stats
 
 
@@ -46,4 +45,4 @@ def laplace_delta(scale, epsilon):
     return _hockey_stick(p, q, epsilon, -60 * scale, 1 + 60 * scale, [0.0, 1.0])
 
 
-__all__ = ["subsampled_gaussian_delta", "gaussian_delta", "epsilon_from_delta_curve", "laplace_delta", "np"]
+__all__ = ["subsampled_gaussian_delta", "gaussian_delta", "epsilon_from_delta_curve", "laplace_delta"]
