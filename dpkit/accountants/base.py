@@ -185,10 +185,6 @@ class Accountant(abc.ABC):
             self._cache[key] = min(1.0, max(0.0, value))
         return self._cache[key]
 
-    def _has_non_private(self) -> bool:
-        return any(isinstance(leaf, _dpe.NonPrivateDpEvent)
-                   for event, _ in self._ledger for leaf, _ in _events.leaves_with_counts(event))
-
     @abc.abstractmethod
     def _epsilon_from_ledger(self, delta: float) -> float:
         """ε upper bound for the (non-empty) ledger at ``delta``."""
