@@ -81,7 +81,7 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
             ``generator`` on every rank (identical noise, added once; see :class:`DPOptimizer`).
         embedding_noise: ``"eager"`` (default) or ``"lazy"``: embedding tables are updated sparsely
             and their DP-SGD noise is applied lazily with the same distribution and the same ε
-            (LazyDP, Lim et al., ASPLOS 2024; needs ``torch.optim.SGD`` without momentum). See
+            (LazyDP, Lim et al., ASPLOS 2024; needs ``torch.optim.SGD``, momentum allowed). See
             :class:`DPOptimizer`.
         error_feedback: ``None`` (default) or ``{"clip2": C2, "noise_split": f (optional)}``:
             DiceSGD error feedback (Zhang et al., ICLR 2024) with error threshold C2 (mean units),

@@ -211,6 +211,68 @@ class StepHistory:
         return self._lr[idx] * np.exp(self._log_decay.diff(k, idx + 1))
 
 
+class MomentumSegment:
+    """Closed forms for SGD with momentum over a stretch of steps with constant (η, λ, μ).
+
+    Per coordinate, torch's SGD (dampening 0, no Nesterov) maps the pair x = (w, m) of weight and
+    momentum buffer, with gradient G, to
+
+        m' = μ m + G + λ w,   w' = w − η m'     i.e.   x' = A x + β G,
+        A = [[1 − ηλ, −ημ], [λ, μ]],   β = (−η, 1).
+
+    For an untouched row G = s z (s = σC/B̄), so over k skipped steps x ← A^k x + s·N(0, Q(k)) per
+    coordinate, Q(k) = Σ_{j<k} A^j β βᵀ (A^j)ᵀ = A Q(k−1) Aᵀ + β βᵀ: exact joint (w, m) noise,
+    with A^k and Q(k) cached by k. Whenever (η, λ, μ) changes the optimizer flushes every row and
+    starts a new segment, so a range never spans two different A.
+
+    Args:
+        base: first step of the segment. lr, weight_decay, momentum: the segment's constants.
+    """
+
+    def __init__(self, base: int, lr: float, weight_decay: float, momentum: float):
+        self.base = base
+        self.params = (float(lr), float(weight_decay), float(momentum))
+        eta, lam, mu = self.params
+        self.A = np.array([[1.0 - eta * lam, -eta * mu], [lam, mu]])
+        self.beta = np.array([-eta, 1.0])
+        self.length = 0
+        self._phi = np.zeros((16, 2, 2))  # A^k, k = 0..length
+        self._cov = np.zeros((16, 2, 2))  # Q(k)
+        self._phi[0] = np.eye(2)
+
+    @property
+    def stop(self) -> int:
+        return self.base + self.length
+
+    def append(self) -> None:
+        """Record one more step of the segment."""
+        k = self.length + 1
+        if k == self._phi.shape[0]:
+            self._phi = np.concatenate([self._phi, np.zeros_like(self._phi)])
+            self._cov = np.concatenate([self._cov, np.zeros_like(self._cov)])
+        self._phi[k] = self.A @ self._phi[k - 1]
+        self._cov[k] = self.A @ self._cov[k - 1] @ self.A.T + np.outer(self.beta, self.beta)
+        self.length = k
+
+    def _k(self, starts, stop):
+        k = stop - np.asarray(starts, dtype=np.int64)
+        if stop > self.stop or (k.size and (k.min() < 0 or k.max() > self.length)):
+            raise RuntimeError(f"steps outside the momentum segment [{self.base}, {self.stop}]")
+        return k
+
+    def transition(self, starts, stop: int) -> np.ndarray:
+        """A^(stop − start) per start, shape (n, 2, 2)."""
+        return self._phi[self._k(starts, stop)]
+
+    def covariance(self, starts, stop: int) -> np.ndarray:
+        """Q(stop − start) per start, shape (n, 2, 2)."""
+        return self._cov[self._k(starts, stop)]
+
+    def coefficients(self, steps, stop: int) -> np.ndarray:
+        """A^(stop − u − 1) β per step u < stop, shape (n, 2): the weight of z_u in (w, m)."""
+        return np.einsum("nij,j->ni", self._phi[self._k(np.asarray(steps) + 1, stop)], self.beta)
+
+
 class RowNoise(abc.ABC):
     """Source of the pending noise of embedding rows.
 
@@ -227,6 +289,12 @@ class RowNoise(abc.ABC):
         ``bulk=True`` marks a flush of many rows: a source may then draw from a faster sequential
         stream, as long as every draw stays independent of all others.
         """
+
+    def combined_pair(self, table: str, rows: torch.Tensor, starts: torch.Tensor, stop: int,
+                      segment: MomentumSegment, shape: tuple[int, int], bulk: bool = False) -> torch.Tensor:
+        """(len(rows), 2, shape[1]) float64 pending noise of (weight, momentum buffer):
+        Σ_{u=starts_i}^{stop−1} A^(stop−u−1) β z_{row_i, u} (see :class:`MomentumSegment`)."""
+        raise NotImplementedError(f"{type(self).__name__} does not support momentum")
 
     def state_dict(self) -> dict:
         return {}
@@ -281,6 +349,22 @@ class CounterGaussianRowNoise(RowNoise):
             z = torch.from_numpy(philox_normal(self.key(table), rows.cpu().numpy(), starts_np, stop, shape[1]))
         return (z * std.unsqueeze(1)).to(rows.device)
 
+    def combined_pair(self, table, rows, starts, stop, segment, shape, bulk=False):
+        starts_np = starts.cpu().numpy()
+        q = segment.covariance(starts_np, stop)
+        # Cholesky of each 2x2 covariance; Q(1) = ββᵀ is singular (rank one): L22 = 0 there
+        l11 = np.sqrt(q[:, 0, 0])
+        l21 = np.divide(q[:, 1, 0], l11, out=np.zeros_like(l11), where=l11 > 0)
+        l22 = np.sqrt(np.clip(q[:, 1, 1] - l21 ** 2, 0.0, None))
+        d = shape[1]
+        if bulk:
+            z = torch.randn(rows.numel(), 2 * d, dtype=torch.float64, generator=self._bulk)
+        else:
+            z = torch.from_numpy(philox_normal(self.key(table), rows.cpu().numpy(), starts_np, stop, 2 * d))
+        z1, z2 = z[:, :d], z[:, d:]
+        l11, l21, l22 = (torch.from_numpy(v).unsqueeze(1) for v in (l11, l21, l22))
+        return torch.stack([l11 * z1, l21 * z1 + l22 * z2], 1).to(rows.device)
+
     def state_dict(self):
         return {"seed": self.seed, "bulk_state": self._bulk.get_state()}
 
@@ -315,6 +399,20 @@ class ProbeRowNoise(RowNoise, NoiseMechanism):
             out.append(z.reshape(ref.shape).to(ref.dtype))
         return out
 
+    def _expand(self, rows, starts, stop, shape):
+        counts = (stop - starts).cpu()
+        owner = torch.repeat_interleave(torch.arange(rows.numel()), counts)
+        first = torch.cumsum(counts, 0) - counts
+        steps = starts.cpu()[owner] + torch.arange(int(counts.sum())) - first[owner]
+        flat = rows.cpu()[owner].unsqueeze(1) * shape[1] + torch.arange(shape[1])
+        return owner, steps, self._value(steps.unsqueeze(1), flat, shape[0] * shape[1])
+
+    def combined_pair(self, table, rows, starts, stop, segment, shape, bulk=False):
+        owner, steps, z = self._expand(rows, starts, stop, shape)
+        coef = torch.from_numpy(segment.coefficients(steps.numpy(), stop))  # (n, 2)
+        out = torch.zeros(rows.numel(), 2, shape[1], dtype=torch.float64)
+        return out.index_add_(0, owner, coef.unsqueeze(2) * z.unsqueeze(1)).to(rows.device)
+
     def combined(self, table, rows, starts, stop, history, shape, bulk=False):
         counts = (stop - starts).cpu()
         owner = torch.repeat_interleave(torch.arange(rows.numel()), counts)
@@ -328,5 +426,5 @@ class ProbeRowNoise(RowNoise, NoiseMechanism):
         return out.index_add_(0, owner, z).to(rows.device)
 
 
-__all__ = ["CounterGaussianRowNoise", "ProbeRowNoise", "RowNoise", "StepHistory", "philox4x32",
+__all__ = ["CounterGaussianRowNoise", "MomentumSegment", "ProbeRowNoise", "RowNoise", "StepHistory", "philox4x32",
            "philox_normal"]

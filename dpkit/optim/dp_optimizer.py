@@ -50,8 +50,8 @@ class DPOptimizer(torch.optim.Optimizer):
         embedding_noise: ``"eager"`` (default: dense noise on every parameter every step) or
             ``"lazy"``: the ``nn.Embedding``/``nn.EmbeddingBag`` weights are updated sparsely and
             their noise is applied lazily, with the same distribution (LazyDP, Lim et al., ASPLOS
-            2024; see :mod:`dpkit.optim.lazy_embedding`); needs base ``torch.optim.SGD`` without
-            momentum. A :class:`~dpkit.mechanisms.lazy.RowNoise` instance means ``"lazy"`` with
+            2024; see :mod:`dpkit.optim.lazy_embedding`); needs base ``torch.optim.SGD`` (momentum
+            with dampening 0 is handled exactly). A :class:`~dpkit.mechanisms.lazy.RowNoise` instance means ``"lazy"`` with
             that pending-noise source (e.g. the deterministic test probe).
 
     Raises:

@@ -17,9 +17,13 @@ noised) and applied in closed form (:mod:`dpkit.mechanisms.lazy`) just before th
 Each row then holds exactly what eager DP-SGD would hold, in distribution (and bit-for-bit up to
 float64 rounding with the deterministic :class:`~dpkit.mechanisms.lazy.ProbeRowNoise`).
 
-Supported base optimizer: ``torch.optim.SGD`` with momentum 0 (any learning-rate schedule, any
-weight decay with lr·weight_decay < 1). Momentum couples the row with its momentum buffer and Adam
-/ Adagrad / RMSprop keep per-coordinate statistics of the NOISY gradient: they are refused.
+Supported base optimizer: ``torch.optim.SGD`` (any learning-rate schedule, weight decay with
+lr·weight_decay < 1). Without momentum, schedules and decay are handled by closed forms
+(:class:`~dpkit.mechanisms.lazy.StepHistory`). With momentum (dampening 0, no Nesterov) each row's
+momentum buffer is kept here and (row, buffer) receive their EXACT joint pending noise
+(:class:`~dpkit.mechanisms.lazy.MomentumSegment`); a change of lr/weight decay/momentum flushes
+the table first (a per-step schedule with momentum therefore costs a dense pass per step). Adam /
+Adagrad / RMSprop keep non-linear per-coordinate statistics of the NOISY gradient: refused.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from dpkit.errors import NoisePendingError
-from dpkit.mechanisms.lazy import MAX_COUNTER, RowNoise, StepHistory
+from dpkit.mechanisms.lazy import MAX_COUNTER, MomentumSegment, RowNoise, StepHistory
 
 EMBEDDING_MODULES = (nn.Embedding, nn.EmbeddingBag)
 FLUSH_CHUNK_ROWS = 1 << 15  # rows materialised at once by flush(): bounds its extra memory
@@ -48,6 +52,18 @@ class _Table:
         self.det = torch.full((rows,), base, dtype=torch.int32, device=self.weight.device)
         self.noised = torch.full((rows,), base, dtype=torch.int32, device=self.weight.device)
         self.history = StepHistory(base)
+        # SGD momentum: the row's buffer evolves jointly with the row (MomentumSegment)
+        self.momentum = self.segment = None
+        if group.get("momentum", 0) != 0:
+            self.momentum = torch.zeros_like(self.weight, memory_format=torch.contiguous_format)
+            self.new_segment(base)
+
+    def hyper(self) -> tuple[float, float, float]:
+        g = self.group
+        return float(g["lr"]), float(g.get("weight_decay", 0.0)), float(g.get("momentum", 0.0))
+
+    def new_segment(self, base: int) -> None:
+        self.segment = MomentumSegment(base, *self.hyper())
 
 
 class LazyEmbeddingNoise:
@@ -57,7 +73,7 @@ class LazyEmbeddingNoise:
     :class:`~dpkit.mechanisms.lazy.RowNoise`); dense parameters keep ordinary DP-SGD noise.
 
     Args:
-        optimizer: the BASE optimizer (must be ``torch.optim.SGD`` without momentum).
+        optimizer: the BASE optimizer (must be ``torch.optim.SGD``; momentum with dampening 0).
         model: the model whose ``nn.Embedding`` / ``nn.EmbeddingBag`` weights are made lazy
             (every one that is trainable and held by ``optimizer``).
         row_noise: the pending-noise source (:class:`CounterGaussianRowNoise` for DP).
@@ -134,6 +150,9 @@ class LazyEmbeddingNoise:
             return
         rows, det, noised = rows[late], det[late].long(), noised[late].long()
         w = table.weight.index_select(0, rows).to(torch.float64)
+        if table.segment is not None:
+            self._materialise_pair(table, rows, det, noised, w, stop, bulk)
+            return
         decay = torch.from_numpy(table.history.decay(det.cpu().numpy(), stop)).to(w.device)
         w.mul_(decay.unsqueeze(1))
         if self.scale > 0:
@@ -142,6 +161,22 @@ class LazyEmbeddingNoise:
                                             tuple(table.weight.shape), bulk)
             w.sub_(self.scale * noise.to(w.device))
         table.weight.index_copy_(0, rows, w.to(table.weight.dtype))
+        table.det[rows] = stop
+        table.noised[rows] = stop
+
+    def _materialise_pair(self, table, rows, det, noised, w, stop, bulk):
+        """Momentum: (w, m) ← A^k (w, m) + s·(joint pending noise) (see MomentumSegment)."""
+        m = table.momentum.index_select(0, rows).to(torch.float64)
+        phi = torch.from_numpy(table.segment.transition(det.cpu().numpy(), stop)).to(w.device)
+        w_new = phi[:, 0, 0, None] * w + phi[:, 0, 1, None] * m
+        m_new = phi[:, 1, 0, None] * w + phi[:, 1, 1, None] * m
+        if self.scale > 0:  # β = (−η, 1) carries the signs: the noise is added
+            noise = self.row_noise.combined_pair(table.name, rows, noised, stop, table.segment,
+                                                 tuple(table.weight.shape), bulk).to(w.device)
+            w_new.add_(noise[:, 0], alpha=self.scale)
+            m_new.add_(noise[:, 1], alpha=self.scale)
+        table.weight.index_copy_(0, rows, w_new.to(table.weight.dtype))
+        table.momentum.index_copy_(0, rows, m_new.to(table.momentum.dtype))
         table.det[rows] = stop
         table.noised[rows] = stop
 
@@ -176,13 +211,16 @@ class LazyEmbeddingNoise:
         anything is updated) and drop the lazy tables' autograd gradients so the base skips them.
 
         Raises:
-            ValueError: a param group now has momentum, nesterov, maximize or lr·weight_decay ≥ 1,
-                or the run reaches 2**31 steps.
+            ValueError: a param group now has nesterov, dampening, maximize, lr·weight_decay ≥ 1,
+                momentum switched between zero and non-zero, or the run reaches 2**31 steps.
         """
         if self.steps + 1 > MAX_COUNTER:
             raise ValueError(f"lazy embedding noise supports < 2**31 steps; got step {self.steps + 1}")
         for table in self.tables.values():
             _check_group(table.group)
+            if (table.hyper()[2] != 0) != (table.momentum is not None):
+                raise ValueError(f"embedding {table.name!r}: SGD momentum must stay zero or stay non-zero "
+                                 f"for lazy noise; it changed to {table.hyper()[2]}")
             table.weight.grad = None
 
     @torch.no_grad()
@@ -197,9 +235,12 @@ class LazyEmbeddingNoise:
         """
         t = self.steps
         for table in self.tables.values():
-            lr, wd = float(table.group["lr"]), float(table.group.get("weight_decay", 0.0))
-            table.history.append(lr, wd)
+            lr, wd, mu = table.hyper()
             rows, sums = engine.sparse_clipped_rows(table.weight)
+            if table.segment is not None:
+                self._step_momentum(table, rows, sums, t)
+                continue
+            table.history.append(lr, wd)
             if rows.numel():
                 self._materialise(table, rows, t)
                 w = table.weight.index_select(0, rows).to(torch.float64)
@@ -208,16 +249,35 @@ class LazyEmbeddingNoise:
                 table.det[rows] = t + 1
         self.steps = t + 1
         for table in self.tables.values():
-            if table.history.needs_rebase():
+            if table.segment is None and table.history.needs_rebase():
                 self._flush_table(table)
                 table.history.rebase()
+
+    def _step_momentum(self, table: _Table, rows, sums, t: int) -> None:
+        """torch SGD with momentum (dampening 0) on the touched rows; a change of (η, λ, μ) first
+        flushes the table and opens a new constant segment."""
+        lr, wd, mu = table.hyper()
+        if table.segment.params != (lr, wd, mu):
+            self._flush_table(table)  # every row to step t under the old constants
+            table.new_segment(t)
+        table.segment.append()
+        if rows.numel():
+            self._materialise(table, rows, t)
+            w = table.weight.index_select(0, rows).to(torch.float64)
+            m = table.momentum.index_select(0, rows).to(torch.float64)
+            m.mul_(mu).add_(sums.to(torch.float64), alpha=1.0 / self.expected_batch_size).add_(w, alpha=wd)
+            w.sub_(m, alpha=lr)
+            table.weight.index_copy_(0, rows, w.to(table.weight.dtype))
+            table.momentum.index_copy_(0, rows, m.to(table.momentum.dtype))
+            table.det[rows] = t + 1
 
     # ------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
         """Flush, then the step count and noise key: a checkpoint never holds pending noise."""
         self.flush()
         return {"steps": self.steps, "row_noise": self.row_noise.state_dict(),
-                "tables": sorted(t.name for t in self.tables.values())}
+                "tables": sorted(t.name for t in self.tables.values()),
+                "momentum": {t.name: t.momentum for t in self.tables.values() if t.momentum is not None}}
 
     def load_state_dict(self, state: dict | None, *, steps: int) -> None:
         """Resume from a checkpoint taken after ``steps`` steps; its weights are fully noised
@@ -230,10 +290,16 @@ class LazyEmbeddingNoise:
                 raise ValueError(f"lazy state was saved at step {state['steps']}, the optimizer at {steps}")
             self.row_noise.load_state_dict(state["row_noise"])
         self.steps = int(steps)
+        buffers = (state or {}).get("momentum", {})
         for table in self.tables.values():
             table.det.fill_(self.steps)
             table.noised.fill_(self.steps)
             table.history = StepHistory(self.steps)
+            if table.momentum is not None:
+                if table.name not in buffers:
+                    raise ValueError(f"checkpoint has no lazy momentum buffer for {table.name!r}")
+                table.momentum.copy_(buffers[table.name])
+                table.new_segment(self.steps)
 
 
 class _ReleaseGuard:
@@ -264,17 +330,17 @@ def _no_guard():
 def _check_optimizer(optimizer: torch.optim.Optimizer) -> None:
     if type(optimizer) is not torch.optim.SGD:
         raise ValueError(
-            f"embedding_noise='lazy' needs torch.optim.SGD (momentum=0); got {type(optimizer).__name__}: "
+            f"embedding_noise='lazy' needs torch.optim.SGD; got {type(optimizer).__name__}: "
             "its per-coordinate state of the noisy gradient has no exact lazy form, so lazy noise "
             "would not be DP-SGD. Use SGD, or embedding_noise='eager' (dense noise every step).")
 
 
 def _check_group(group: dict) -> None:
-    if group.get("momentum", 0) != 0 or group.get("nesterov", False):
+    if group.get("nesterov", False) or (group.get("momentum", 0) != 0 and group.get("dampening", 0) != 0):
         raise ValueError(
-            f"embedding_noise='lazy' needs SGD momentum=0; got momentum={group.get('momentum')}, "
-            f"nesterov={group.get('nesterov')}: momentum couples each row with its buffer, which "
-            "lazy noise does not track. Use momentum=0 or embedding_noise='eager'.")
+            "embedding_noise='lazy' supports SGD momentum with dampening=0 and nesterov=False; got "
+            f"momentum={group.get('momentum')}, dampening={group.get('dampening')}, "
+            f"nesterov={group.get('nesterov')}. Use those settings or embedding_noise='eager'.")
     lr, wd = float(group["lr"]), float(group.get("weight_decay", 0.0))
     if lr * wd >= 1.0:
         raise ValueError(f"embedding_noise='lazy' needs lr * weight_decay < 1 (positive decay factor "

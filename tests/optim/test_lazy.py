@@ -49,10 +49,11 @@ def _batches(steps, seed=1, batch=4):
 
 
 def _setup(mode, *, wd=0.0, lr=0.1, schedule=False, noise=None, sigma=0.7, seed=0, optimizer=None,
-           clipping="bk"):
+           clipping="bk", momentum=0.0):
     torch.manual_seed(seed)
     model = _Recsys().double()
-    base = optimizer(model) if optimizer else torch.optim.SGD(model.parameters(), lr=lr, weight_decay=wd)
+    base = optimizer(model) if optimizer else torch.optim.SGD(model.parameters(), lr=lr, weight_decay=wd,
+                                                              momentum=momentum)
     probe = ProbeRowNoise() if noise is None else None
     emb = mode if noise is not None or mode == "eager" else probe
     _, opt, _ = dpkit.make_private(model, base, None, max_grad_norm=0.5, noise_multiplier=sigma,
@@ -93,6 +94,25 @@ def test_lazy_equals_eager_with_probe_noise(wd, schedule):
     for name in e:
         torch.testing.assert_close(l_[name], e[name], rtol=1e-12, atol=1e-12, msg=name)
     assert not torch.equal(e["user.weight"][untouched], init.detach()[untouched])  # noise did arrive
+
+
+@pytest.mark.parametrize("wd, schedule", [(0.0, False), (0.2, False), (0.2, True)],
+                         ids=["momentum", "momentum+decay", "momentum+decay+schedule"])
+def test_momentum_lazy_equals_eager_jointly(wd, schedule):
+    batches = _batches(8)
+    eager, opt_e, sch_e = _setup("eager", wd=wd, schedule=schedule, momentum=0.9)
+    lazy, opt_l, sch_l = _setup("lazy", wd=wd, schedule=schedule, momentum=0.9)
+    _train(eager, opt_e, sch_e, batches)
+    _train(lazy, opt_l, sch_l, batches)
+    assert opt_l._lazy.pending()
+    e, l_ = eager.state_dict(), lazy.state_dict()
+    for name in e:
+        torch.testing.assert_close(l_[name], e[name], rtol=1e-12, atol=1e-12, msg=name)
+    # the lazy momentum buffers equal torch's eager buffers too
+    for module in (lazy.user, lazy.items):
+        eager_module = eager.get_submodule("user" if module is lazy.user else "items")
+        buf = opt_e.state[eager_module.weight]["momentum_buffer"]
+        torch.testing.assert_close(opt_l._lazy.tables[id(module.weight)].momentum, buf, rtol=1e-12, atol=1e-12)
 
 
 def test_per_sample_engine_lazy_equals_eager():
@@ -249,6 +269,43 @@ def test_untouched_row_variance_matches_eager_and_test_rejects_wrong_variance(wd
         assert _chi2_pvalue(x, naive) < 1e-6
 
 
+def test_momentum_untouched_row_joint_variance_and_rejects_momentum_free_variance():
+    k, lr, wd, mu = 7, 0.2, 0.1, 0.8
+    sigma, clip, batch = 1.3, 0.5, 4.0
+    torch.manual_seed(0)
+    emb = nn.Embedding(3001, 8).double()
+    nn.init.zeros_(emb.weight)
+    _, opt, _ = dpkit.make_private(emb, torch.optim.SGD(emb.parameters(), lr=lr, weight_decay=wd, momentum=mu),
+                                   None, max_grad_norm=clip, noise_multiplier=sigma, sample_rate=0.01,
+                                   expected_batch_size=batch, embedding_noise="lazy",
+                                   generator=torch.Generator().manual_seed(8))
+    ids = torch.zeros(4, 1, dtype=torch.long)
+    for t in range(k):
+        opt.zero_grad()
+        emb(ids).sum().backward()
+        opt.step()
+        if t == 3:
+            with torch.no_grad():
+                emb(torch.arange(1, 1501).view(-1, 1))
+    opt.flush()
+    # brute force: eager recursion of (w, m) with the noise of each step kept symbolic
+    coef_w, coef_m = np.zeros(k), np.zeros(k)
+    for u in range(k):
+        m_new = mu * coef_m + wd * coef_w
+        m_new[u] += 1.0
+        coef_w, coef_m = coef_w - lr * m_new, m_new
+    s2 = (sigma * clip / batch) ** 2
+    w = emb.weight.detach()[1:].numpy().ravel()
+    m = opt._lazy.tables[id(emb.weight)].momentum[1:].numpy().ravel()
+    assert _chi2_pvalue(w, s2 * np.sum(coef_w ** 2)) > 1e-3
+    assert _chi2_pvalue(m, s2 * np.sum(coef_m ** 2)) > 1e-3
+    corr = np.sum(coef_w * coef_m) / math.sqrt(np.sum(coef_w ** 2) * np.sum(coef_m ** 2))
+    assert abs(np.corrcoef(w, m)[0, 1] - corr) < 4 * (1 - corr ** 2) / math.sqrt(w.size)
+    # the variance momentum-free SGD would give (η² Σ (1-ηλ)^2j) is rejected
+    naive = s2 * lr ** 2 * sum((1 - lr * wd) ** (2 * j) for j in range(k))
+    assert _chi2_pvalue(w, naive) < 1e-6
+
+
 def test_seeded_lazy_runs_reproducible_and_seed_matters():
     batches = _batches(5)
     runs = []
@@ -298,14 +355,15 @@ def test_flush_points_do_not_change_the_distribution_of_the_probe_run():
 
 
 # ----------------------------------------------------------- checkpoint / resume
-def test_checkpoint_resume_mid_training_equals_eager(tmp_path):
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_checkpoint_resume_mid_training_equals_eager_with_momentum(tmp_path, momentum):
     batches = _batches(8)
-    eager, opt_e, _ = _setup("eager", wd=0.1)
+    eager, opt_e, _ = _setup("eager", wd=0.1, momentum=momentum)
     _train(eager, opt_e, None, batches)
-    lazy, opt_l, _ = _setup("lazy", wd=0.1)
+    lazy, opt_l, _ = _setup("lazy", wd=0.1, momentum=momentum)
     _train(lazy, opt_l, None, batches[:4])
     torch.save({"model": lazy.state_dict(), "opt": opt_l.state_dict()}, tmp_path / "ckpt.pt")
-    resumed, opt_r, _ = _setup("lazy", wd=0.1, seed=99)  # different init: the checkpoint must win
+    resumed, opt_r, _ = _setup("lazy", wd=0.1, momentum=momentum, seed=99)
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
     resumed.load_state_dict(ckpt["model"])
     opt_r.load_state_dict(ckpt["opt"])
@@ -356,8 +414,8 @@ def _model_and(opt_fn):
     (lambda m: torch.optim.Adam(m.parameters()), {}, ValueError, "Adam.*eager"),
     (lambda m: torch.optim.Adagrad(m.parameters()), {}, ValueError, "Adagrad.*eager"),
     (lambda m: torch.optim.AdamW(m.parameters()), {}, ValueError, "AdamW"),
-    (lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), {}, ValueError, "momentum"),
-    (lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, nesterov=True), {}, ValueError, "momentum"),
+    (lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, dampening=0.1), {}, ValueError, "dampening"),
+    (lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, nesterov=True), {}, ValueError, "nesterov"),
     (lambda m: torch.optim.SGD(m.parameters(), lr=0.1, maximize=True), {}, ValueError, "maximize"),
     (lambda m: torch.optim.SGD(m.parameters(), lr=2.0, weight_decay=0.5), {}, ValueError, "lr \\* weight_decay"),
     (lambda m: torch.optim.SGD(m.parameters(), lr=0.1), {"secure_mode": True}, ValueError, "secure_mode"),
