@@ -10,9 +10,9 @@ noised) and applied in closed form (:mod:`dpkit.mechanisms.lazy`) just before th
 * :meth:`LazyEmbeddingNoise.flush` materialises every row; it runs automatically before
   ``model.state_dict()`` / ``module.state_dict()``, ``optimizer.state_dict()``, the first forward
   pass in eval mode, and whenever the weight-decay prefix sums need a rebase;
-* copying or pickling a module while noise is pending (``copy.deepcopy(model)``,
-  ``torch.save(model)``) raises :class:`dpkit.errors.NoisePendingError` — by the time the copy
-  reaches the guard the weights are already copied, so a flush there would be too late.
+* copying a module while noise is pending (``copy.deepcopy(model)``; pickling too, where the
+  hooked model is picklable at all) raises :class:`dpkit.errors.NoisePendingError` — by the time
+  the copy reaches the guard the weights are already copied, so a flush there would be too late.
 
 Each row then holds exactly what eager DP-SGD would hold, in distribution (and bit-for-bit up to
 float64 rounding with the deterministic :class:`~dpkit.mechanisms.lazy.ProbeRowNoise`).
