@@ -61,7 +61,9 @@ def delta(name: str, value) -> float:
 
 def positive_int(name: str, value, *, allow_zero: bool = False) -> int:
     """Return ``value`` as int; raise unless it is an integer >= 1 (or >= 0 with ``allow_zero``)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer; got {value!r} (bool)")
+    if not isinstance(value, numbers.Integral):
         if isinstance(value, numbers.Real) and float(value).is_integer():
             value = int(value)
         else:

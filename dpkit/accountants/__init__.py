@@ -24,6 +24,7 @@ _PUBLIC = {
     # calibration and budgets
     "calibrate_noise_multiplier": "calibration",
     "steps_for_budget": "calibration",
+    "epochs_to_steps": "calibration",
     "PrivacyBudget": "budget",
     # matrix mechanisms (MMCC)
     "mmcc_epsilon": "mmcc",
