@@ -1,0 +1,173 @@
+"""Gradient canaries inside a dpkit DP-SGD run, for one-shot privacy estimation (torch side).
+
+Andrew, Kairouz, Oh, Oprea, McMahan, Suriyakumar, ICLR 2024, "One-shot Empirical Privacy
+Estimation for Federated Learning": canary clients whose update is a random unit direction,
+clipped like everyone else. Here a canary is a virtual EXAMPLE of a DP-SGD run: at every logical
+step each inserted canary is Poisson-sampled with the same rate q as the real examples and, when
+sampled, adds C·u_j (its unit direction u_j scaled to the clip norm C, i.e. a gradient that is
+exactly at the clipping bound) to the clipped sum, before noise and normalisation, through
+:meth:`dpkit.DPOptimizer.register_contribution_hook`. A canary is therefore protected exactly
+like a real example and the claimed (σ, q, T) covers it.
+
+Because canaries are added to GRADIENTS, plain SGD moves the parameters along −u_j: the final-
+model statistic is the cosine between θ_0 − θ_T and u_j. Unseen canaries (never inserted) give the
+null. Optimizers that rescale coordinates (Adam, RMSprop) distort the directions; use SGD (with
+or without momentum) for audits.
+
+Memory: the (inserted + unseen) × d direction matrix is kept (float32) on the parameters'
+device. Directions come from :func:`dpkit.audit.canary_directions` (counter-based from (seed,
+canary index)), so the audit can be redone offline from the seed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dpkit import _validate
+from dpkit.audit.artifact import AuditArtifact
+from dpkit.audit.canary_stats import canary_cosines, canary_directions
+from dpkit.audit.one_shot import OneShotEstimate, one_shot_epsilon
+from dpkit.optim.dp_optimizer import DPOptimizer
+
+
+def _event_sampling_rate(event) -> float:
+    """q of a per-step DP-SGD event (Poisson-sampled Gaussian, or the Gaussian itself: q = 1)."""
+    from dp_accounting import dp_event
+
+    if isinstance(event, dp_event.PoissonSampledDpEvent):
+        return event.sampling_probability
+    if isinstance(event, dp_event.GaussianDpEvent):
+        return 1.0
+    raise ValueError("sampling_rate must be given: it cannot be read from the optimizer's step "
+                     f"event {event!r} (no noise, or not Poisson sampling)")
+
+
+class CanaryAuditor:
+    """Insert Poisson-sampled gradient canaries into a :class:`dpkit.DPOptimizer`.
+
+    Args:
+        optimizer: the DPOptimizer of the run (its parameters define the canary space).
+        num_canaries: inserted canaries (≥ 2).
+        num_unseen: canaries never inserted, for the null distribution (≥ 2; default
+            ``num_canaries``).
+        sampling_rate: Poisson rate q in (0, 1] of the canaries; default: the q of the
+            optimizer's per-step event (a Poisson-sampled Gaussian), so canaries are sampled
+            exactly like real examples. Required when the event does not carry q (σ = 0, fixed-
+            size batches).
+        seed: integer seed of the directions and of the canaries' sampling.
+
+    Raises:
+        TypeError: ``optimizer`` is not a DPOptimizer; non-integer counts or seed.
+        ValueError: counts < 2, q outside (0, 1] or not inferable, more canaries than
+            parameters, a distributed optimizer.
+    """
+
+    def __init__(self, optimizer, *, num_canaries, num_unseen=None, sampling_rate=None, seed=0):
+        if not isinstance(optimizer, DPOptimizer):
+            raise TypeError(f"optimizer must be a dpkit DPOptimizer; got {type(optimizer).__name__}")
+        if optimizer.distributed:
+            # every rank would add the same canaries before the all-reduce: k-fold contributions
+            raise ValueError("optimizer must not be distributed: CanaryAuditor supports "
+                             "single-process DP-SGD only")
+        self.num_canaries = _validate.positive_int("num_canaries", num_canaries)
+        self.num_unseen = _validate.positive_int(
+            "num_unseen", self.num_canaries if num_unseen is None else num_unseen)
+        for name, value in (("num_canaries", self.num_canaries), ("num_unseen", self.num_unseen)):
+            if value < 2:
+                raise ValueError(f"{name} must be >= 2; got {value!r}")
+        if sampling_rate is None:
+            sampling_rate = _event_sampling_rate(optimizer.step_event)
+        self.sampling_rate = _validate.probability("sampling_rate", sampling_rate)
+        self.seed = _validate.positive_int("seed", seed, allow_zero=True)
+        self._optimizer = optimizer
+        params = optimizer.params
+        self._shapes = [p.shape for p in params]
+        self.dim = sum(p.numel() for p in params)
+        total = self.num_canaries + self.num_unseen
+        if total > self.dim:
+            raise ValueError(f"num_canaries + num_unseen must be <= the number of trainable "
+                             f"parameters ({self.dim}); got {total}")
+        device = params[0].device
+        dirs = canary_directions(self.seed, total, self.dim)
+        self._directions = torch.as_tensor(dirs, dtype=torch.float32, device=device)
+        self._theta0 = self._flat(params).clone()
+        # inclusion draws: a stream of its own, keyed by the seed but separate from the directions
+        self._rng = np.random.default_rng(np.random.SeedSequence([self.seed, 0xCA7A]))
+        self.inclusions = np.zeros(self.num_canaries, dtype=np.int64)  # times each was sampled
+        self._handle = optimizer.register_contribution_hook(self._contribute)
+
+    @staticmethod
+    def _flat(params) -> torch.Tensor:
+        return torch.cat([p.detach().reshape(-1).float() for p in params])
+
+    def _contribute(self, step, params):
+        """Contribution hook: C · Σ_{sampled j} u_j, split into parameter shapes (or None)."""
+        if [p.shape for p in params] != self._shapes:
+            # e.g. lazily noised embedding tables are left out of the hook's parameters
+            raise RuntimeError("CanaryAuditor: the optimizer's step passes parameters that differ "
+                               "from those at construction (lazy embedding noise?); canaries "
+                               "need every trainable parameter in the dense step")
+        mask = self._rng.random(self.num_canaries) < self.sampling_rate
+        if not mask.any():
+            return None
+        self.inclusions += mask
+        idx = torch.as_tensor(np.flatnonzero(mask), device=self._directions.device)
+        flat = self._optimizer.max_grad_norm * self._directions[idx].sum(dim=0)
+        out, start = [], 0
+        for p, shape in zip(params, self._shapes):
+            n = p.numel()
+            out.append(flat[start:start + n].reshape(shape).to(p.dtype))
+            start += n
+        return out
+
+    def remove(self) -> None:
+        """Stop inserting canaries (the recorded θ_0 and the directions are kept)."""
+        self._handle.remove()
+
+    def scores(self):
+        """Final-model cosines of θ_0 − θ_now with the inserted and with the unseen canaries.
+
+        Returns:
+            (canary_scores, unseen_scores): two 1-D numpy arrays.
+
+        Raises:
+            ValueError: the parameters have not moved.
+        """
+        delta = (self._theta0 - self._flat(self._optimizer.params)).cpu().numpy().astype(np.float64)
+        dirs = self._directions.cpu().numpy().astype(np.float64)
+        return (canary_cosines(delta, dirs[:self.num_canaries]),
+                canary_cosines(delta, dirs[self.num_canaries:]))
+
+    def estimate(self, *, delta, confidence=0.95) -> OneShotEstimate:
+        """One-shot estimate of ε for the final model so far (Andrew et al., Sec. 3).
+
+        Args:
+            delta: δ in (0, 1).
+            confidence: level of ``epsilon_lower``.
+
+        Returns:
+            :class:`dpkit.audit.OneShotEstimate` (null N(0, 1/d)).
+        """
+        canary, _ = self.scores()
+        return one_shot_epsilon(canary, delta=delta, dim=self.dim, confidence=confidence)
+
+    def artifact(self, *, delta, noise_multiplier=None, steps=None) -> AuditArtifact:
+        """Package this run for :func:`dpkit.audit.audit` / ``dpkit audit``.
+
+        Args:
+            delta: δ in (0, 1) of the comparison.
+            noise_multiplier: the CLAIMED σ (default: the optimizer's).
+            steps: the claimed number of steps (default: steps the optimizer has taken).
+
+        Returns:
+            :class:`dpkit.audit.AuditArtifact` (final-model threat model, null N(0, 1/d) via
+            ``dim`` plus the unseen canaries' scores for plots and diagnostics).
+        """
+        canary, unseen = self.scores()
+        return AuditArtifact(
+            canary_scores=canary, null_scores=unseen, dim=self.dim,
+            noise_multiplier=(self._optimizer.noise_multiplier if noise_multiplier is None
+                              else noise_multiplier),
+            sampling_rate=self.sampling_rate,
+            steps=self._optimizer.steps if steps is None else steps, delta=delta)
