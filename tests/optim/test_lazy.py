@@ -498,3 +498,48 @@ def test_embedding_bag_offsets_and_weights_equal_eager():
         states.append(model.state_dict())
     for name in states[0]:
         torch.testing.assert_close(states[1][name], states[0][name], rtol=1e-12, atol=1e-12)
+
+
+class _LargestNewTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the largest tensor any aten op creates (outputs that alias an input excluded)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor) and not t.is_sparse}
+        for t in torch.utils._pytree.tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            if t.is_sparse:  # a sparse gradient holds only its values
+                self.largest = max(self.largest, t._values().numel())
+            elif t.untyped_storage().data_ptr() not in inputs:
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("mode", ["eager", "lazy"])
+def test_lazy_step_never_creates_a_dense_table_sized_tensor(mode):
+    rows, dim = 50_000, 8
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.EmbeddingBag(rows, dim, mode="sum"), nn.Linear(dim, 1))
+    _, opt, _ = dpkit.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5), None,
+                                   max_grad_norm=1.0, noise_multiplier=1.0, sample_rate=0.01,
+                                   expected_batch_size=4, embedding_noise=mode)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, rows, (4, 3), generator=g) for _ in range(4)]
+    opt.zero_grad()
+    model(batches[0]).sum().backward()
+    opt.step()
+    with _LargestNewTensor() as probe:
+        for ids in batches[1:]:
+            opt.zero_grad()
+            model(ids).sum().backward()
+            opt.step()
+    if mode == "lazy":
+        assert probe.largest < 1000  # a few looked-up rows, never O(rows × dim)
+    else:  # the control: eager DP-SGD draws dense noise for the whole table
+        assert probe.largest >= rows * dim
