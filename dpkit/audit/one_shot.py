@@ -63,11 +63,6 @@ class OneShotEstimate:
     num_canaries: int
     num_null: int
 
-    @property
-    def lower(self) -> float:
-        """Short alias of ``epsilon_lower`` (used by ``dpkit demo``)."""
-        return self.epsilon_lower
-
     def to_dict(self) -> dict:
         """Plain-``dict`` view (JSON-serialisable)."""
         return asdict(self)
