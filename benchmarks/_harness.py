@@ -3,16 +3,16 @@
 Each configuration (non-private PyTorch, dpkit engines, Opacus modes) trains the SAME model
 architecture on the SAME batch. Step times are measured in ONE process, interleaved round-robin
 over the configurations (median of rounds), so machine noise hits all of them alike. Peak memory is
-measured per configuration in a fresh subprocess as the growth of the peak resident set size
-(``ru_maxrss``) during training steps over the RSS right before them (CPU has no allocator
-high-water mark to reset); ratios are taken against the non-private run.
+measured per configuration in a fresh subprocess as the growth of the resident-set high-water mark
+(VmHWM, reset via /proc/self/clear_refs after a warm-up step) over the RSS right before the timed
+steps — what the training steps add on top of the model; ratios are taken against the non-private
+run.
 """
 
 from __future__ import annotations
 
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -124,19 +124,24 @@ def peak_memory_child(script: str, config: str, model_name: str) -> float | None
 
 
 def rss_growth_mib(step, steps=3) -> float:
-    """Run ``step`` a few times; peak RSS growth over the RSS before the first step, MiB."""
-    before = _current_rss_kib()
+    """Run ``step`` a few times; growth of the resident-set high-water mark over the RSS before
+    the first step, MiB (the mark is reset through /proc/self/clear_refs, so set-up and imports
+    are not counted)."""
+    step()  # warm-up: lazily created buffers and allocator pools are part of the steady state
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_kib("VmRSS")
     for _ in range(steps):
         step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return max(peak - before, 0) / 1024
+    return max(_status_kib("VmHWM") - before, 0) / 1024
 
 
-def _current_rss_kib() -> float:
-    with open("/proc/self/statm") as f:
-        pages = int(f.read().split()[1])
-    import os
-    return pages * os.sysconf("SC_PAGE_SIZE") / 1024
+def _status_kib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return float(line.split()[1])
+    raise RuntimeError(f"{field} not found in /proc/self/status")
 
 
 def report(title, times, memory, *, json_out=False):

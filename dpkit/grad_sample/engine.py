@@ -33,13 +33,14 @@ from dpkit.grad_sample.attention import (
 )
 from dpkit.grad_sample.bk_forward import bk_apply, supports_bk_forward
 from dpkit.grad_sample.contributions import (
+    ConvWeightGrad,
     EmbeddingRowGrad,
     ExplicitGrad,
     LinearWeightGrad,
     combine,
 )
 from dpkit.grad_sample.functorch_fallback import FunctorchFallback, output_axes
-from dpkit.grad_sample.layers import EmbeddingBagRule, EmbeddingRule, LinearViewRule, rule_for
+from dpkit.grad_sample.layers import ConvRule, EmbeddingBagRule, EmbeddingRule, LinearViewRule, rule_for
 from dpkit.grad_sample.rnn import check_rnn
 from dpkit.grad_sample.validation import check_model
 
@@ -298,6 +299,16 @@ class GradientEngine:
                 yield module.in_proj_bias, ExplicitGrad(view.bias_grad)
             return
         g = grads[0]
+        if isinstance(rule, ConvRule) and not isinstance(module.padding, str):
+            if module.weight.requires_grad:
+                view = lambda: LinearWeightGrad(*_ab(rule.view(module, captured, g)), ghost=True)  # noqa: E731
+                contrib = ConvWeightGrad(captured, g, module, view,
+                                         ghost=False if self.mode == "per_sample" else None)
+                self.paths[name] = contrib.path
+                yield module.weight, contrib
+            if _trainable(module.bias):
+                yield module.bias, ExplicitGrad(g.sum(dim=tuple(range(2, g.dim()))))
+            return
         if isinstance(rule, LinearViewRule):
             view = rule.view(module, captured, g)
             if module.weight.requires_grad:
@@ -398,3 +409,12 @@ def _add_into(sums: dict, key, value: torch.Tensor) -> None:
         sums[key].add_(value)
     else:
         sums[key] = value
+
+
+def _ab(view):
+    """(a, g, weight_shape) of a LinearView, for building a LinearWeightGrad."""
+    return view.a, view.g, view.weight_shape
+
+
+def _trainable(p) -> bool:
+    return isinstance(p, torch.Tensor) and p.requires_grad

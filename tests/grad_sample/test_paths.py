@@ -107,3 +107,20 @@ def test_multihead_attention_uses_linear_views_in_bk_and_fallback_otherwise():
     exotic(x, x, x)[0].sum().backward()
     engine.accumulate()
     assert engine.paths == {"": "functorch"}
+
+
+@pytest.mark.parametrize("conv", [nn.Conv2d(3, 5, 3, padding=1, stride=2), nn.Conv1d(4, 6, 3, groups=2, dilation=2)])
+def test_conv_ghost_and_kernel_instantiation_agree(conv):
+    from dpkit.grad_sample.contributions import ConvWeightGrad
+    from dpkit.grad_sample.layers import ConvRule
+    torch.manual_seed(0)
+    conv = conv.double()
+    x = torch.randn(4, conv.in_channels, *([9] * (conv.weight.dim() - 2)), dtype=torch.float64)
+    g = torch.randn_like(conv(x))
+    c = torch.rand(4, dtype=torch.float64)
+    view = lambda: LinearWeightGrad(*(lambda v: (v.a, v.g, v.weight_shape))(ConvRule().view(conv, x, g)), ghost=True)  # noqa: E731
+    ghost, inst = ConvWeightGrad(x, g, conv, view, ghost=True), ConvWeightGrad(x, g, conv, view, ghost=False)
+    torch.testing.assert_close(ghost.norm_sq(), inst.norm_sq())
+    loop = torch.stack([torch.autograd.grad((conv(x[i:i + 1]) * g[i:i + 1]).sum(), conv.weight)[0] for i in range(4)])
+    torch.testing.assert_close(inst.instantiate(), loop)
+    torch.testing.assert_close(ghost.clipped_sum(c), torch.einsum("b...,b->...", loop, c))
