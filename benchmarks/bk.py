@@ -10,7 +10,6 @@ batch 64. Step time ratios are measured side by side in one process; see _harnes
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
 import torch

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dpkit import _validate as V
 from dpkit.accountants._schedule import epochs_to_steps
+from dpkit.accountants._search import smallest_feasible
 from dpkit.accountants.base import Accountant
 from dpkit.accountants.events import dpsgd_event
 from dpkit.accountants.registry import make_accountant
@@ -28,7 +29,8 @@ DEFAULT_MAX_NOISE_MULTIPLIER = 1e4
 _MIN_NOISE_MULTIPLIER = 0.1
 
 
-def _accountant_factory(accountant):
+def accountant_factory(accountant):
+    """A zero-argument callable returning a FRESH accountant of the given name or configuration."""
     if isinstance(accountant, Accountant):
         return accountant._fresh
     if isinstance(accountant, str):
@@ -91,7 +93,7 @@ def calibrate_noise_multiplier(target_epsilon, target_delta, sampling_prob=None,
     q, steps = _resolve_schedule(sampling_prob, steps, epochs, dataset_size, batch_size)
     max_sigma = V.positive("max_noise_multiplier", max_noise_multiplier)
     rtol = V.probability("rtol", rtol, allow_one=False)
-    fresh = _accountant_factory(accountant)
+    fresh = accountant_factory(accountant)
 
     def eps(sigma: float) -> float:
         return fresh().compose(dpsgd_event(sigma, q, steps)).epsilon(target_delta)
@@ -99,34 +101,16 @@ def calibrate_noise_multiplier(target_epsilon, target_delta, sampling_prob=None,
     def feasible(sigma: float) -> bool:
         return eps(sigma) <= target_epsilon
 
-    hi = min(1.0, max_sigma)
-    if feasible(hi):
-        lo = hi / 2
-        while True:
-            if lo < _MIN_NOISE_MULTIPLIER:
-                return hi  # feasible; smaller σ are not searched (see the docstring)
-            if not feasible(lo):
-                break
-            hi, lo = lo, lo / 2
-    else:
-        while True:
-            if hi >= max_sigma:
-                raise CalibrationError(
-                    f"target_epsilon={target_epsilon} at target_delta={target_delta} is not reachable "
-                    f"with noise_multiplier <= max_noise_multiplier={max_sigma} (q={q}, steps={steps}, "
-                    f"ε there = {eps(max_sigma):.4g}); raise the target, lower sampling_prob/steps, or "
-                    "raise max_noise_multiplier")
-            lo, hi = hi, min(2 * hi, max_sigma)
-            if feasible(hi):
-                break
-    # invariant: eps(lo) > target >= eps(hi)
-    while hi - lo > rtol * hi:
-        mid = 0.5 * (lo + hi)
-        if feasible(mid):
-            hi = mid
-        else:
-            lo = mid
-    return hi
+    def unreachable():
+        return CalibrationError(
+            f"target_epsilon={target_epsilon} at target_delta={target_delta} is not reachable "
+            f"with noise_multiplier <= max_noise_multiplier={max_sigma} (q={q}, steps={steps}, "
+            f"ε there = {eps(max_sigma):.4g}); raise the target, lower sampling_prob/steps, or "
+            "raise max_noise_multiplier")
+
+    # smaller σ are not searched (see the docstring)
+    return smallest_feasible(feasible, start=1.0, lower=_MIN_NOISE_MULTIPLIER, upper=max_sigma,
+                             rtol=rtol, unreachable=unreachable)
 
 
 def steps_for_budget(target_epsilon, target_delta, noise_multiplier, sampling_prob, *,
@@ -155,7 +139,7 @@ def steps_for_budget(target_epsilon, target_delta, noise_multiplier, sampling_pr
     sigma = V.non_negative("noise_multiplier", noise_multiplier)
     q = V.probability("sampling_prob", sampling_prob)
     max_steps = V.positive_int("max_steps", max_steps)
-    fresh = _accountant_factory(accountant)
+    fresh = accountant_factory(accountant)
 
     def fits(t: int) -> bool:
         return fresh().compose(dpsgd_event(sigma, q, t)).epsilon(target_delta) <= target_epsilon

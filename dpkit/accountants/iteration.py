@@ -37,6 +37,7 @@ import numpy as np
 from dp_accounting.rdp import rdp_privacy_accountant as _rdp
 
 from dpkit import _validate as v
+from dpkit.accountants._search import smallest_feasible
 from dpkit.errors import CalibrationError
 
 DEFAULT_ORDERS = tuple(float(a) for a in
@@ -149,16 +150,8 @@ class IterationAccountant:
         def eps(s):
             return cls(s, sensitivity, steps, contraction=contraction, orders=orders).epsilon(delta)
 
-        lo, hi = 1e-6 * float(sensitivity), 1e12 * float(sensitivity)
-        if eps(hi) > target:
-            raise CalibrationError(f"no noise std up to {hi:g} reaches epsilon {target:g} "
-                                   f"at delta {delta:g}")
-        if eps(lo) <= target:
-            return lo
-        while hi / lo > 1.0 + rtol:
-            mid = math.sqrt(lo * hi)
-            if eps(mid) <= target:
-                hi = mid
-            else:
-                lo = mid
-        return hi
+        lower, upper = 1e-6 * float(sensitivity), 1e12 * float(sensitivity)
+        return smallest_feasible(
+            lambda s: eps(s) <= target, start=float(sensitivity), lower=lower, upper=upper, rtol=rtol,
+            unreachable=lambda: CalibrationError(f"no noise std up to {upper:g} reaches epsilon "
+                                                 f"{target:g} at delta {delta:g}"))

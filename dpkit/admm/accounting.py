@@ -34,6 +34,7 @@ import numpy as np
 from dp_accounting.rdp import rdp_privacy_accountant as _rdp
 
 from dpkit import _validate as v
+from dpkit.accountants._search import smallest_feasible
 from dpkit.accountants.iteration import DEFAULT_ORDERS, _orders
 from dpkit.errors import CalibrationError
 
@@ -160,18 +161,9 @@ def calibrate_admm_noise(target_epsilon, delta, steps, *, variant="centralized",
         return admm_epsilon(s, steps, delta, variant=variant, sampling_rate=sampling_rate,
                             orders=orders)
 
-    lo, hi = 1e-4, 1e10
-    if eps(hi) > target:
-        raise CalibrationError(f"no noise multiplier up to {hi:g} reaches epsilon {target:g}")
-    if eps(lo) <= target:
-        return lo
-    while hi / lo > 1.0 + rtol:
-        mid = math.sqrt(lo * hi)
-        if eps(mid) <= target:
-            hi = mid
-        else:
-            lo = mid
-    return hi
+    return smallest_feasible(
+        lambda s: eps(s) <= target, start=1.0, lower=1e-4, upper=1e10, rtol=rtol,
+        unreachable=lambda: CalibrationError(f"no noise multiplier up to {1e10:g} reaches epsilon {target:g}"))
 
 
 __all__ = ["DEFAULT_ORDERS", "sampled_gaussian_replace_rdp", "growing_sensitivity_gaussian_rdp",

@@ -53,8 +53,8 @@ import torch
 from dp_accounting import dp_event as _dpe
 
 from dpkit import _validate as V
-from dpkit.accountants import make_accountant
-from dpkit.accountants.base import Accountant
+from dpkit.accountants._search import smallest_feasible
+from dpkit.accountants.calibration import accountant_factory
 from dpkit.errors import CalibrationError
 from dpkit.mechanisms.noise import GaussianNoise
 from dpkit.optim.dp_optimizer import DPOptimizer
@@ -170,46 +170,25 @@ def calibrate_dicesgd_noise(target_epsilon, target_delta, sampling_prob, steps, 
     # validate the event arguments once, eagerly
     dicesgd_event(1.0, sampling_prob, steps, clip1=clip1, clip2=clip2,
                   expected_batch_size=expected_batch_size, noise_split=noise_split)
-    if isinstance(accountant, Accountant):
-        fresh = accountant._fresh
-    elif isinstance(accountant, str):
-        make_accountant(accountant)
-        fresh = lambda: make_accountant(accountant)  # noqa: E731
-    else:
-        raise TypeError(f"accountant must be a registered name or an Accountant; got {accountant!r}")
+    fresh = accountant_factory(accountant)
 
     def feasible(sigma: float) -> bool:
         event = dicesgd_event(sigma, sampling_prob, steps, clip1=clip1, clip2=clip2,
                               expected_batch_size=expected_batch_size, noise_split=noise_split)
         return fresh().compose(event).epsilon(target_delta) <= target_epsilon
 
+    def unreachable():
+        return CalibrationError(
+            f"target_epsilon={target_epsilon} at target_delta={target_delta} is not reachable by "
+            f"DiceSGD with noise_multiplier <= {max_sigma} (clip2={clip2}): the feedback part is "
+            "not amplified by sampling; lower clip2 or steps, or raise the target")
+
     # the un-amplified feedback part alone needs σ ≥ sigma_b_min; start there so that the numerical
     # accountant is never asked about a near-noiseless Gaussian (slow and pointless)
-    hi = min(max(1.0, _feedback_sigma_floor(target_epsilon, target_delta, steps, clip1, clip2,
-                                            expected_batch_size, sampling_prob, noise_split)), max_sigma)
-    if feasible(hi):
-        lo = hi / 2
-        while feasible(lo):
-            if lo <= 1e-2:
-                return lo
-            hi, lo = lo, lo / 2
-    else:
-        while True:
-            if hi >= max_sigma:
-                raise CalibrationError(
-                    f"target_epsilon={target_epsilon} at target_delta={target_delta} is not reachable by "
-                    f"DiceSGD with noise_multiplier <= {max_sigma} (clip2={clip2}): the feedback part is "
-                    "not amplified by sampling; lower clip2 or steps, or raise the target")
-            lo, hi = hi, min(2 * hi, max_sigma)
-            if feasible(hi):
-                break
-    while hi - lo > rtol * hi:
-        mid = 0.5 * (lo + hi)
-        if feasible(mid):
-            hi = mid
-        else:
-            lo = mid
-    return hi
+    start = max(1.0, _feedback_sigma_floor(target_epsilon, target_delta, steps, clip1, clip2,
+                                           expected_batch_size, sampling_prob, noise_split))
+    return smallest_feasible(feasible, start=start, lower=1e-2, upper=max_sigma, rtol=rtol,
+                             unreachable=unreachable)
 
 
 def _gaussian_delta(mu: float, eps: float) -> float:

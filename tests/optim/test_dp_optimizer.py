@@ -1,7 +1,5 @@
 """DPOptimizer and make_private against independent references."""
 
-import copy
-import math
 
 import numpy as np
 import pytest

@@ -20,7 +20,6 @@ from scipy import stats
 import dpkit
 from dpkit.errors import NoisePendingError
 from dpkit.mechanisms.lazy import (
-    CounterGaussianRowNoise,
     ProbeRowNoise,
     StepHistory,
     philox4x32,
