@@ -29,6 +29,7 @@ from dpkit.accountants import (
     fixed_size_event,
     make_accountant,
 )
+from dpkit.accountants.registry import fresh_accountant
 from dpkit.data import DPDataLoader, FixedSizeBatchSampler, PoissonBatchSampler
 from dpkit.errors import PrivacyBudgetExceeded
 from dpkit.grad_sample.engine import GradientEngine
@@ -211,14 +212,8 @@ def _sampling(data_loader, sample_rate, expected_batch_size):
 
 
 def _accountant(accountant, poisson_sampling) -> Accountant:
-    if isinstance(accountant, Accountant):
-        if accountant.ledger:
-            raise ValueError("accountant must be fresh (empty ledger); pass a new one or a name")
-        return accountant
-    if not isinstance(accountant, str):
-        raise TypeError(f"accountant must be a name or an Accountant; got {type(accountant).__name__}")
-    if poisson_sampling:
-        return make_accountant(accountant)
+    if poisson_sampling or not isinstance(accountant, str):
+        return fresh_accountant(accountant)
     if accountant not in ("rdp", "pld"):
         raise ValueError("fixed-size sampling (poisson_sampling=False) is accounted by the 'rdp' "
                          f"accountant under replace-one adjacency; got accountant={accountant!r}")

@@ -6,10 +6,13 @@ Built-in accountants are imported on first use, so ``import dpkit.accountants`` 
 from __future__ import annotations
 
 from importlib import import_module
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from dpkit.accountants.base import Accountant
 
 __all__ = ["make_accountant", "register_accountant", "available_accountants",
-           "accountants_supporting"]
+           "accountants_supporting", "fresh_accountant"]
 
 _BUILTIN = {
     "pld": ("dpkit.accountants.pld", "PLDAccountant"),
@@ -94,3 +97,22 @@ def accountants_supporting(event, neighboring_relation) -> list[str]:
         except Exception:  # a broken third-party factory must not hide the real error message
             continue
     return names
+
+
+def fresh_accountant(accountant) -> Accountant:
+    """An accountant with an EMPTY ledger: built from a registered name, or the given instance.
+
+    Raises:
+        ValueError: an instance that already holds events (its spend would be double counted), or
+            an unknown name.
+        TypeError: neither a name nor an Accountant.
+    """
+    from dpkit.accountants.base import Accountant  # noqa: F811 (runtime import; base imports this module)
+
+    if isinstance(accountant, Accountant):
+        if accountant.ledger:
+            raise ValueError("accountant must be fresh (empty ledger); pass a new one or a name")
+        return accountant
+    if not isinstance(accountant, str):
+        raise TypeError(f"accountant must be a name or an Accountant; got {type(accountant).__name__}")
+    return make_accountant(accountant)

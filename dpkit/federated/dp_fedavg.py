@@ -28,8 +28,8 @@ from typing import Mapping, Sequence
 import torch
 
 from dpkit import _validate
-from dpkit.accountants import dpsgd_event, make_accountant
-from dpkit.accountants.base import Accountant
+from dpkit.accountants import dpsgd_event
+from dpkit.accountants.registry import fresh_accountant
 from dpkit.federated import _seeds
 from dpkit.federated.adaptive import AdaptiveClipping, update_noise_multiplier
 from dpkit.federated.server_opt import make_server_optimizer
@@ -90,7 +90,7 @@ class DPFedAvg:
         else:
             self.count_stddev = None
             self.update_noise_multiplier = self.noise_multiplier
-        self.accountant = _fresh_accountant(accountant)
+        self.accountant = fresh_accountant(accountant)
         self.step_event = dpsgd_event(self.noise_multiplier, self.sampling_rate, 1)
         if not self.accountant.supports(self.step_event):
             raise ValueError(f"accountant {self.accountant.name!r} cannot account Poisson-sampled rounds")
@@ -221,13 +221,3 @@ class DPFedAvg:
     def __repr__(self):
         return (f"DPFedAvg(num_clients={self.num_clients}, sampling_rate={self.sampling_rate}, "
                 f"noise_multiplier={self.noise_multiplier}, clip_norm={self.clip_norm}, round={self.round})")
-
-
-def _fresh_accountant(accountant) -> Accountant:
-    if isinstance(accountant, Accountant):
-        if accountant.ledger:
-            raise ValueError("accountant must be fresh (empty ledger); pass a new one or a name")
-        return accountant
-    if not isinstance(accountant, str):
-        raise TypeError(f"accountant must be a name or an Accountant; got {type(accountant).__name__}")
-    return make_accountant(accountant)
