@@ -112,8 +112,11 @@ class CanaryAuditor:
         if not mask.any():
             return None
         self.inclusions += mask
-        idx = torch.as_tensor(np.flatnonzero(mask), device=self._directions.device)
-        flat = self._optimizer.max_grad_norm * self._directions[idx].sum(dim=0)
+        # accumulate row views in place: no (k × d) gather copy (the cost is memory-bound)
+        flat = torch.zeros(self.dim, dtype=self._directions.dtype, device=self._directions.device)
+        for j in np.flatnonzero(mask):
+            flat.add_(self._directions[int(j)])
+        flat.mul_(self._optimizer.max_grad_norm)
         out, start = [], 0
         for p, shape in zip(params, self._shapes):
             n = p.numel()
