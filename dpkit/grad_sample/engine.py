@@ -152,18 +152,31 @@ class GradientEngine:
             if not self._capturing():
                 return original(x)
             record = (rule.capture(module, (x,), None), [None])
-            self._records[self._generation][module].append(record)
+            self._record(module, record)
             return bk_apply(module, x, record)
 
         module.forward = forward
         self._patched.append(module)
+
+    def _record(self, module, record) -> None:
+        """File a use of ``module`` under the current forward pass (generation).
+
+        A module whose earlier use in this generation already received its output gradient is
+        being run on a NEW batch (e.g. a training loop that calls sub-modules directly, so the
+        model's pre-hook never fires): start a new generation rather than merge two batches'
+        examples (merged examples could cancel each other and escape clipping).
+        """
+        uses = self._records[self._generation].get(module)
+        if uses and any(g is not None for g in uses[-1][1]):
+            self._generation += 1
+        self._records[self._generation][module].append(record)
 
     def _attention_capture(self, module):
         def capture(inputs):
             if not self._capturing():
                 return None
             record = (inputs, [None, None, None])
-            self._records[self._generation][module].append(record)
+            self._record(module, record)
             return record
         return capture
 
@@ -201,7 +214,7 @@ class GradientEngine:
             leaves, _ = tree_flatten(output)
             leaves = [t if isinstance(t, torch.Tensor) else None for t in leaves]
             record = (captured, [None] * len(leaves))
-            self._records[self._generation][mod].append(record)
+            self._record(mod, record)
             for i, t in enumerate(leaves):
                 if t is not None and t.requires_grad:
                     t.register_hook(self._grad_hook(record, i))

@@ -386,3 +386,19 @@ def test_grad_scaler_refused_clearly():
     scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
     with pytest.raises(TypeError, match="GradScaler is not supported"):
         scaler.step(opt)
+
+
+def test_submodule_calls_without_root_forward_are_not_merged_across_batches():
+    # two batches through a SUB-module (the root pre-hook never fires), one step: each example must
+    # be clipped on its own; merged "examples" g and -g would cancel and escape clipping
+    model = nn.Sequential(nn.Linear(3, 2, bias=False))
+    lin = model[0]
+    engine = dpkit.GradientEngine(model, max_grad_norm=1.0, loss_reduction="sum")
+    x = torch.tensor([[10.0, 0.0, 0.0]])
+    lin(x).sum().backward()
+    lin(-x / 2).sum().backward()
+    engine.accumulate()
+    # separately: two examples clipped to norm C = 1 in opposite directions sum to 0; merged, they
+    # would form ONE example (G - G/2) clipped to norm 1, a non-zero sum
+    assert engine.examples_seen == 2
+    torch.testing.assert_close(engine.clipped_sum(lin.weight), torch.zeros(2, 3))
