@@ -123,25 +123,36 @@ def peak_memory_child(script: str, config: str, model_name: str) -> float | None
         return None
 
 
-def rss_growth_mib(step, steps=3) -> float:
-    """Run ``step`` a few times; growth of the resident-set high-water mark over the RSS before
-    the first step, MiB (the mark is reset through /proc/self/clear_refs, so set-up and imports
-    are not counted)."""
-    step()  # warm-up: lazily created buffers and allocator pools are part of the steady state
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = _status_kib("VmRSS")
-    for _ in range(steps):
-        step()
-    return max(_status_kib("VmHWM") - before, 0) / 1024
-
-
-def _status_kib(field: str) -> float:
+def status_kib(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS, VmHWM, ...), KiB."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
                 return float(line.split()[1])
     raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def reset_peak() -> bool:
+    """Reset the resident-set high-water mark (VmHWM) to the current RSS; False if unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # Linux >= 4.0
+        return True
+    except OSError:
+        return False
+
+
+def rss_growth_mib(step, steps=3) -> float | None:
+    """Run ``step`` a few times; growth of the resident-set high-water mark over the RSS before
+    the first timed step, MiB (set-up and imports are not counted); None if the mark cannot be
+    reset."""
+    step()  # warm-up: lazily created buffers and allocator pools are part of the steady state
+    if not reset_peak():
+        return None
+    before = status_kib("VmRSS")
+    for _ in range(steps):
+        step()
+    return max(status_kib("VmHWM") - before, 0) / 1024
 
 
 def report(title, times, memory, *, json_out=False):

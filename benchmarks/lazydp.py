@@ -25,12 +25,16 @@ import gc
 import json
 import platform
 import statistics
+import sys
 import time
 
 import torch
 import torch.nn as nn
 
 import dpkit
+
+sys.path.insert(0, "benchmarks")
+import _harness as H  # noqa: E402
 
 DIM, BAGS, IDS_PER_BAG = 64, 256, 8
 
@@ -43,23 +47,6 @@ class _DLRM(nn.Module):
 
     def forward(self, ids):
         return self.mlp(self.table(ids)).squeeze(1)
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS (Linux ≥ 4.0)
-        return True
-    except OSError:
-        return False
 
 
 def run_config(config: str, rows: int, steps: int, seed: int = 0) -> dict:
@@ -79,8 +66,8 @@ def run_config(config: str, rows: int, steps: int, seed: int = 0) -> dict:
                 torch.randint(0, 2, (BAGS,), generator=g).float()) for _ in range(steps + 1)]
     loss_fn = nn.BCEWithLogitsLoss()
     gc.collect()
-    reset_ok = _reset_peak()
-    rss_before = _status_kib("VmRSS")
+    reset_ok = H.reset_peak()
+    rss_before = H.status_kib("VmRSS")
     times = []
     for i, (ids, y) in enumerate(batches):
         t0 = time.perf_counter()
@@ -89,7 +76,7 @@ def run_config(config: str, rows: int, steps: int, seed: int = 0) -> dict:
         opt.step()
         if i > 0:  # the first step is a warm-up
             times.append(time.perf_counter() - t0)
-    peak = _status_kib("VmHWM") if reset_ok else None
+    peak = H.status_kib("VmHWM") if reset_ok else None
     out = {"config": config, "rows": rows, "step_s": statistics.median(times),
            "peak_mib": None if peak is None else max(peak - rss_before, 0) / 1024}
     if config == "lazy":
