@@ -5,7 +5,7 @@ accountants (``"pld"`` default, ``"rdp"``, ``"prv"``, ``"gdp"``) share one inter
 (:class:`Accountant`). Public names are resolved lazily from the module that owns them.
 """
 
-from importlib import import_module
+from dpkit._lazy import lazy_exports
 
 # public name -> defining submodule (relative to this package)
 _PUBLIC = {
@@ -40,11 +40,4 @@ _PUBLIC = {
 __all__ = sorted(_PUBLIC)
 
 
-def __getattr__(name):
-    if name in _PUBLIC:
-        return getattr(import_module(f"{__name__}.{_PUBLIC[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _PUBLIC, __all__)

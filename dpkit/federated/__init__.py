@@ -11,7 +11,7 @@
 * Flower: ``dpkit.federated.flower`` (optional; ``pip install dpkit[flower]``), never imported here.
 """
 
-from importlib import import_module
+from dpkit._lazy import lazy_exports
 
 _PUBLIC = {
     "DPFedAvg": "dp_fedavg",
@@ -33,11 +33,4 @@ _PUBLIC = {
 __all__ = sorted(_PUBLIC)
 
 
-def __getattr__(name):
-    if name in _PUBLIC:
-        return getattr(import_module(f"{__name__}.{_PUBLIC[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _PUBLIC, __all__)

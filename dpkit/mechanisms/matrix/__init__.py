@@ -6,7 +6,7 @@ participation schemas (:mod:`.sensitivity`); the torch parts — the streaming n
 numpy parts import without torch.
 """
 
-from importlib import import_module
+from dpkit._lazy import lazy_exports
 
 from dpkit.mechanisms.matrix.sensitivity import Participation, sensitivity, workload_errors
 from dpkit.mechanisms.matrix.strategies import (
@@ -34,11 +34,4 @@ __all__ = sorted([
     "toeplitz_sqrt", "momentum_prefix_sum", "prefix_sum", *_LAZY])
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        return getattr(import_module(f"{__name__}.{_LAZY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, __all__)
