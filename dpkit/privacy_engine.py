@@ -26,6 +26,7 @@ from dpkit.accountants import (
     Accountant,
     calibrate_noise_multiplier,
     dpsgd_event,
+    epochs_to_steps,
     fixed_size_event,
     make_accountant,
 )
@@ -230,7 +231,7 @@ def _planned_steps(epochs, steps, dataset_size, batch_size, data_loader):
     epochs = _validate.positive("epochs", epochs)
     if data_loader is None:
         raise ValueError("epochs needs a data_loader (to know the dataset size); give steps= instead")
-    return math.ceil(epochs * math.ceil(dataset_size / batch_size))
+    return epochs_to_steps(epochs, dataset_size, int(batch_size))[1]
 
 
 __all__ = ["make_private", "PrivacyBudgetExceeded"]

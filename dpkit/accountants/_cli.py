@@ -1,7 +1,7 @@
 """``dpkit epsilon`` and ``dpkit calibrate``: the DP-SGD budget calculator (torch-free).
 
 Both take the schedule as ``--sampling-rate Q --steps T`` or ``--dataset-size N --batch-size B
---epochs E`` (steps = ceil(E·N/B), q = B/N; see :func:`~dpkit.accountants.calibration.epochs_to_steps`).
+--epochs E`` (steps = ceil(E·ceil(N/B)), q = B/N; see :func:`~dpkit.accountants.calibration.epochs_to_steps`).
 Errors are raised as ValueError/TypeError naming the flag; ``dpkit.cli`` prints them as one line.
 """
 
@@ -31,7 +31,7 @@ def _add_schedule(parser) -> None:
     group.add_argument("--steps", type=_number, metavar="T", help="number of DP-SGD steps")
     group.add_argument("--dataset-size", type=_number, metavar="N", help="number of training records")
     group.add_argument("--batch-size", type=_number, metavar="B", help="expected batch size")
-    group.add_argument("--epochs", type=_number, metavar="E", help="epochs; steps = ceil(E*N/B)")
+    group.add_argument("--epochs", type=_number, metavar="E", help="epochs; steps = ceil(E*ceil(N/B))")
 
 
 def register(subparsers) -> None:

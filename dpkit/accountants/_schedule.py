@@ -19,7 +19,10 @@ def epochs_to_steps(epochs, dataset_size, batch_size) -> tuple[float, int]:
         batch_size: expected batch size B, 1 ≤ B ≤ N.
 
     Returns:
-        ``(B / N, ceil(E · N / B))`` — rounded UP so the account covers the run.
+        ``(B / N, ceil(E · ceil(N / B)))``: one epoch is ``ceil(N / B)`` steps — exactly the
+        number of batches dpkit's Poisson loader yields per pass — and the total is rounded UP so
+        the account covers the run. :func:`dpkit.make_private` uses this same function, so the
+        calculator and training agree on the step count.
 
     Raises:
         ValueError, TypeError: an argument outside its range or of the wrong kind.
@@ -31,5 +34,5 @@ def epochs_to_steps(epochs, dataset_size, batch_size) -> tuple[float, int]:
         raise ValueError(f"batch_size must be <= dataset_size ({dataset_size}); got {batch_size!r}")
     q = batch_size / dataset_size
     # exact rational arithmetic: float division could push an integer count up or down by one
-    steps = math.ceil(Fraction(epochs) * dataset_size / batch_size)
+    steps = math.ceil(Fraction(epochs) * math.ceil(Fraction(dataset_size, batch_size)))
     return q, max(1, steps)

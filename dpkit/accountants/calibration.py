@@ -6,7 +6,7 @@ so the answer is exact with respect to that accountant's (upper-bound) ε: the r
 gives ε above the target. The search is a bracket found by doubling/halving, then bisection
 (as in Opacus' ``get_noise_multiplier`` but returning the upper end, which is always feasible).
 
-Epochs → steps: ``steps = ceil(epochs · N / B)`` and ``q = B / N`` (:func:`epochs_to_steps`).
+Epochs → steps: ``steps = ceil(epochs · ceil(N / B))`` and ``q = B / N`` (:func:`epochs_to_steps`).
 dpkit rounds UP (like TF Privacy; Opacus rounds down), so a training run that executes
 ``floor`` or ``ceil`` steps is covered by the account.
 """

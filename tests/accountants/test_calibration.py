@@ -66,7 +66,7 @@ def test_accountant_instance_configuration_is_reused():
 def test_epochs_form_equals_explicit_schedule():
     n, b, e = 60000, 256, 3
     q, steps = epochs_to_steps(e, n, b)
-    assert q == b / n and steps == math.ceil(e * n / b) == 704
+    assert q == b / n and steps == e * math.ceil(n / b) == 705  # 235 batches per epoch
     assert calibrate_noise_multiplier(2.0, 1e-5, epochs=e, dataset_size=n, batch_size=b) == \
         calibrate_noise_multiplier(2.0, 1e-5, q, steps)
 
@@ -75,6 +75,7 @@ def test_epochs_form_equals_explicit_schedule():
     (1, 100, 10, 10), (3, 1000, 100, 30),      # exact multiples stay exact
     (1, 100, 30, 4), (0.5, 100, 10, 5),        # rounded UP
     (0.01, 100, 100, 1),                       # never 0 steps
+    (15, 1000, 128, 120),                      # 8 loader batches per epoch, not ceil(15000/128)=118
 ])
 def test_epochs_to_steps_rounds_up(epochs, n, b, expected):
     assert epochs_to_steps(epochs, n, b)[1] == expected
@@ -140,3 +141,19 @@ def test_invalid_calibration_inputs(kwargs, exc, match):
 def test_invalid_steps_for_budget_inputs(args, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         steps_for_budget(*args, **kwargs)
+
+
+def test_epochs_match_the_loader_that_make_private_builds():
+    """The calculator's epochs→steps is the number of batches make_private's loader yields."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import dpkit
+
+    n, b, epochs = 1000, 128, 15
+    data = TensorDataset(torch.randn(n, 3), torch.randint(0, 2, (n,)))
+    model = torch.nn.Linear(3, 2)
+    _, opt, loader = dpkit.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                        DataLoader(data, batch_size=b), target_epsilon=3.0,
+                                        target_delta=1e-5, epochs=epochs, max_grad_norm=1.0)
+    assert opt.max_steps == epochs * len(loader) == epochs_to_steps(epochs, n, b)[1] == 120
