@@ -8,12 +8,14 @@ torch-dependent public names below are loaded lazily on first access (PEP 562), 
 from importlib import import_module
 
 from dpkit.errors import (
+    AmbiguousStepError,
     CalibrationError,
     DPKitError,
     NoisePendingError,
     PrivacyBudgetExceeded,
     UnsupportedEventError,
     UnsupportedModuleError,
+    SeededRandomnessWarning,
 )
 
 __version__ = "0.1.0"
@@ -32,7 +34,7 @@ _SUBPACKAGES = {"accountants", "audit", "mechanisms", "grad_sample", "optim", "d
                 "preprocessing", "admm", "federated"}
 
 __all__ = sorted(
-    ["CalibrationError", "DPKitError", "NoisePendingError", "PrivacyBudgetExceeded",
+    ["AmbiguousStepError", "CalibrationError", "DPKitError", "SeededRandomnessWarning", "NoisePendingError", "PrivacyBudgetExceeded",
      "UnsupportedEventError", "UnsupportedModuleError", "__version__", *_LAZY, *_SUBPACKAGES]
 )
 

@@ -34,3 +34,14 @@ class UnsupportedEventError(DPKitError):
 
 class NoisePendingError(DPKitError):
     """Raised when weights would be released while lazily delayed noise is still pending."""
+
+
+class AmbiguousStepError(DPKitError, RuntimeError):
+    """Raised when dpkit cannot tell what a training step did to the examples (e.g. several forward
+    passes before one backward without a declaration, or Poisson batches accumulated across steps);
+    dpkit refuses rather than guess an account."""
+
+
+class SeededRandomnessWarning(UserWarning):
+    """A fixed seed drives privacy-relevant randomness (noise, sampling): anyone who knows the seed
+    can remove the noise. Use it for tests and reproducibility studies only."""

@@ -267,7 +267,9 @@ def register_rule(module_type: type, rule, *, overwrite: bool = False) -> None:
 
 def rule_for(module: nn.Module):
     """The registered rule for ``module``, or None (the engine then uses the torch.func fallback)."""
-    rule = _RULES.get(type(module))
+    from dpkit.grad_sample.registry import registered_rule
+
+    rule = registered_rule(module) or _RULES.get(type(module))
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.padding_mode != "zeros":
         return None  # reflect/replicate/circular padding: leave it to the generic fallback
     if isinstance(module, (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)) and \

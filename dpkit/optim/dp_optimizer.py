@@ -152,6 +152,20 @@ class DPOptimizer(torch.optim.Optimizer):
                     hooks.remove(hook)
         return _Handle()
 
+    def same_examples(self):
+        """Context manager: the forward passes run inside it are views of the SAME examples.
+
+        Use it for multi-view losses (consistency regularisation, R-Drop, two-view contrastive
+        losses): each example's gradient is the sum over the passes, clipped once. See
+        :meth:`dpkit.grad_sample.GradientEngine.same_examples`.
+        """
+        return self.engine.same_examples()
+
+    def different_examples(self):
+        """Context manager: each forward pass run inside it carries DIFFERENT examples (clipped
+        separately). See :meth:`dpkit.grad_sample.GradientEngine.different_examples`."""
+        return self.engine.different_examples()
+
     def signal_skip_step(self, do_skip: bool = True) -> None:
         """Make the next ``step()`` only accumulate (virtual batches: a non-final physical chunk)."""
         self._skip_next_step = bool(do_skip)
