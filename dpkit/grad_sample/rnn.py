@@ -3,12 +3,19 @@
 torch's fused RNN kernels have no vmap batching rule, so per-example gradients of recurrent
 layers are taken through this plain-tensor re-implementation instead (same parameters, same
 equations as the torch documentation of each class). Used by the torch.func fallback only.
+
+A :class:`~torch.nn.utils.rnn.PackedSequence` input is handled exactly: it is unpacked to a padded
+batch with per-example lengths, and the recurrence of example i only advances while t < length_i
+(the reverse direction of a bidirectional layer therefore starts at its own last step), which is
+what the packed kernel computes; output gradients at padded positions are zero.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
+
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from dpkit.errors import UnsupportedModuleError
 
@@ -41,9 +48,30 @@ def _cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh):
     return act(gi + gh), c
 
 
-def unrolled_forward(module: nn.RNNBase, params: dict, x: torch.Tensor, hx=None):
+def unpack_input(module: nn.RNNBase, x):
+    """(padded input in the module's layout, per-example lengths or None) of an RNN input."""
+    if not isinstance(x, PackedSequence):
+        return x, None
+    padded, lengths = pad_packed_sequence(x, batch_first=module.batch_first)
+    return padded, lengths.to(padded.device)
+
+
+def packed_gradients(module: nn.RNNBase, x, grad_outputs):
+    """Output gradients as (output, h_n[, c_n]) leaves; a packed output's gradient is padded (zeros
+    at padded positions, examples in their original order, as h_n is)."""
+    if not isinstance(x, PackedSequence):
+        return tuple(grad_outputs)
+    g_data, rest = grad_outputs[0], tuple(grad_outputs[4:])
+    if g_data is None:
+        return (None, *rest)
+    packed = PackedSequence(g_data, x.batch_sizes, x.sorted_indices, x.unsorted_indices)
+    return (pad_packed_sequence(packed, batch_first=module.batch_first)[0], *rest)
+
+
+def unrolled_forward(module: nn.RNNBase, params: dict, x: torch.Tensor, hx=None, lengths=None):
     """Forward of ``module`` with parameters ``params`` (name -> tensor), returning the same
-    structure as the module: (output, h_n) or (output, (h_n, c_n))."""
+    structure as the module: (output, h_n) or (output, (h_n, c_n)). With ``lengths`` (B,), example
+    i's state only advances for t < lengths[i] (packed-sequence semantics)."""
     batch_first = module.batch_first
     if batch_first:
         x = x.transpose(0, 1)  # (T, B, F)
@@ -69,7 +97,13 @@ def unrolled_forward(module: nn.RNNBase, params: dict, x: torch.Tensor, hx=None)
             steps = range(T - 1, -1, -1) if d else range(T)
             seq = [None] * T
             for t in steps:
-                h, c = _cell(module.mode, layer_input[t], h, c, w_ih, w_hh, b_ih, b_hh)
+                h_t, c_t = _cell(module.mode, layer_input[t], h, c, w_ih, w_hh, b_ih, b_hh)
+                if lengths is None:
+                    h, c = h_t, c_t
+                else:
+                    valid = (lengths > t).unsqueeze(-1)
+                    h = torch.where(valid, h_t, h)
+                    c = torch.where(valid, c_t, c) if is_lstm else None
                 seq[t] = h
             outputs.append(torch.stack(seq))
             h_n.append(h)

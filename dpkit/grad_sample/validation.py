@@ -11,7 +11,8 @@ _CROSS_EXAMPLE = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)
 
 
 def check_model(model: nn.Module) -> None:
-    """Refuse layers that mix examples (their per-example gradients are not defined).
+    """Refuse layers that mix examples (their per-example gradients are not defined): BatchNorm
+    (batch statistics) and embeddings with ``scale_grad_by_freq`` (batch-wide row counts).
 
     Raises:
         UnsupportedModuleError: naming the first offending module and the fix.
@@ -22,6 +23,12 @@ def check_model(model: nn.Module) -> None:
                 f"module {name or '<root>'!r} ({type(module).__name__}) mixes examples through batch "
                 "statistics, so per-example gradients (and DP-SGD) are undefined for it. Replace it, e.g. "
                 "model = dpkit.replace_batchnorm(model) swaps every BatchNorm for GroupNorm.")
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.scale_grad_by_freq:
+            raise UnsupportedModuleError(
+                f"module {name or '<root>'!r} ({type(module).__name__}) has scale_grad_by_freq=True: "
+                "each row's gradient is divided by its count over the WHOLE batch, so one example's "
+                "gradient depends on the others and per-example clipping does not bound it. Build it "
+                "with scale_grad_by_freq=False (e.g. module.scale_grad_by_freq = False).")
 
 
 def replace_batchnorm(model: nn.Module, num_groups: int = 32) -> nn.Module:
