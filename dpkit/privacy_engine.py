@@ -35,6 +35,7 @@ from dpkit.data import DPDataLoader, FixedSizeBatchSampler, PoissonBatchSampler
 from dpkit.errors import PrivacyBudgetExceeded
 from dpkit.grad_sample.engine import GradientEngine
 from dpkit.mechanisms.noise import NoiseMechanism
+from dpkit.mechanisms.randomness import broadcast_seed, fresh_seed, seed_from_generator
 from dpkit.optim.dp_optimizer import DPOptimizer
 
 
@@ -159,29 +160,41 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
 
     dp_loader = None
     if data_loader is not None:
-        sampler_generator = None
-        if generator is not None:  # sampling and noise must not share one stream
-            sampler_generator = torch.Generator().manual_seed(
-                int(torch.randint(0, 2**62, (1,), generator=generator)))
-        dataset = data_loader.dataset
-        if distributed:
-            if not poisson_sampling:
-                raise ValueError("distributed=True supports Poisson sampling only")
-            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-            dataset = Subset(dataset, range(rank, dataset_size, world))
-            if sampler_generator is not None:  # independent sampling on each rank
-                sampler_generator.manual_seed(sampler_generator.initial_seed() + 7919 * rank)
-        if poisson_sampling:
-            batch_sampler = PoissonBatchSampler(len(dataset), q, steps=math.ceil(dataset_size / batch_size),
-                                                generator=sampler_generator)
-        else:
-            batch_sampler = FixedSizeBatchSampler(dataset_size, int(batch_size), generator=sampler_generator)
-        dp_loader = DPDataLoader(dataset, batch_sampler,
-                                 max_physical_batch_size=max_physical_batch_size,
-                                 collate_fn=data_loader.collate_fn, num_workers=data_loader.num_workers,
-                                 pin_memory=data_loader.pin_memory)
+        dp_loader = _build_loader(data_loader, dataset_size, batch_size, q, poisson_sampling,
+                                  generator=generator, secure_mode=secure_mode, distributed=distributed,
+                                  max_physical_batch_size=max_physical_batch_size)
         dp_loader.attach_optimizer(dp_optimizer)
     return model, dp_optimizer, dp_loader
+
+
+def _build_loader(data_loader, dataset_size, batch_size, q, poisson_sampling, *, generator, secure_mode,
+                  distributed, max_physical_batch_size) -> DPDataLoader:
+    """dpkit's DP loader over ``data_loader``'s dataset: counter-based sampler keyed by (seed, t).
+
+    The sampler's seed is the generator's seed (its stream is kept apart from the noise's), or OS
+    entropy; distributed ranks share rank 0's seed and draw on their own stream (the rank), so the
+    union of their coins is one Poisson sample of the whole data set.
+    """
+    dataset = data_loader.dataset
+    seed = None if generator is None or secure_mode else seed_from_generator(generator)
+    stream = 0
+    if distributed:
+        if not poisson_sampling:
+            raise ValueError("distributed=True supports Poisson sampling only")
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        dataset = Subset(dataset, range(rank, dataset_size, world))
+        seed, stream = broadcast_seed(fresh_seed() if seed is None else seed), rank
+    steps = math.ceil(dataset_size / batch_size)
+    if poisson_sampling:
+        batch_sampler = PoissonBatchSampler(len(dataset), q, steps=steps, seed=seed,
+                                            secure_mode=secure_mode, stream=stream)
+    else:
+        batch_sampler = FixedSizeBatchSampler(dataset_size, int(batch_size), seed=seed, secure_mode=secure_mode)
+    # a seed derived from generator= is fixed: resuming must restore the position (checked on attach)
+    batch_sampler.seed_is_fixed = generator is not None and not secure_mode
+    return DPDataLoader(dataset, batch_sampler, max_physical_batch_size=max_physical_batch_size,
+                        collate_fn=data_loader.collate_fn, num_workers=data_loader.num_workers,
+                        pin_memory=data_loader.pin_memory)
 
 
 def _sampling(data_loader, sample_rate, expected_batch_size):

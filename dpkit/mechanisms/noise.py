@@ -9,10 +9,18 @@ A :class:`NoiseMechanism` returns STANDARDISED noise for a logical step: the opt
 from __future__ import annotations
 
 import abc
-import os
 from typing import Sequence
 
 import torch
+
+from dpkit.mechanisms.randomness import (
+    NOISE,
+    check_seed,
+    fresh_seed,
+    keyed_generator,
+    secure_generator,
+    seed_from_generator,
+)
 
 
 class NoiseMechanism(abc.ABC):
@@ -36,69 +44,75 @@ class NoiseMechanism(abc.ABC):
 
 
 class GaussianNoise(NoiseMechanism):
-    """i.i.d. standard Gaussian noise, seeded or secure.
+    """i.i.d. standard Gaussian noise from counter-based streams keyed by (seed, step, tensor).
+
+    The noise of logical step t is a pure function of the run's seed and t
+    (:mod:`dpkit.mechanisms.randomness`), so a run resumed from a checkpoint (which holds the seed;
+    the optimizer holds t) continues the same noise sequence — it never replays earlier noise.
 
     Args:
-        generator: a ``torch.Generator`` to draw from (seeded, reproducible runs). Ignored when
-            ``secure_mode`` is True.
+        generator: a ``torch.Generator`` whose ``initial_seed()`` becomes the seed (reproducible
+            runs; the generator's position is not used). Ignored when ``secure_mode`` is True.
+        seed: the seed itself (0 ≤ seed < 2**63); give at most one of ``generator`` and ``seed``.
+            Default: 63 bits of OS entropy, kept in :meth:`state_dict` (checkpoints are secrets).
         secure_mode: draw every step's generator seed from the OS entropy pool (``os.urandom``),
             and form each coordinate as the normalised sum of ``secure_draws`` independent
             draws, which blurs the low-order floating-point pattern exploited by attacks on naive
             Gaussian samplers (Holohan & Braghin 2021; Jin et al., "Are We There Yet? Timing and
             Floating-Point Attacks on Differential Privacy Systems", IEEE S&P 2022). The per-step
-            stream itself comes from torch's (non-cryptographic) PRNG seeded with 64 fresh bits of
-            OS entropy; secure runs are not reproducible and their state is not checkpointed.
+            stream itself comes from torch's (non-cryptographic) PRNG seeded with 63 fresh bits of
+            OS entropy; secure runs are not reproducible and have no state to checkpoint.
     """
 
     secure_draws = 4
 
-    def __init__(self, generator: torch.Generator | None = None, *, secure_mode: bool = False):
+    def __init__(self, generator: torch.Generator | None = None, *, seed: int | None = None,
+                 secure_mode: bool = False):
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None; got {type(generator).__name__}")
         if not isinstance(secure_mode, bool):
             raise TypeError(f"secure_mode must be a bool; got {secure_mode!r}")
+        if generator is not None and seed is not None:
+            raise ValueError("give at most one of generator and seed")
         self.secure_mode = secure_mode
-        self.generator = None if secure_mode else generator
-
-    def _generator_for(self, device: torch.device) -> torch.Generator | None:
-        if self.secure_mode:
-            g = torch.Generator(device=device)
-            g.manual_seed(int.from_bytes(os.urandom(8), "little"))
-            return g
-        if self.generator is not None and not _same_device(self.generator.device, device):
-            raise ValueError(
-                f"generator must live on the parameters' device {device}; got a generator on "
-                f"{self.generator.device}. Pass torch.Generator(device={str(device)!r}).")
-        return self.generator
+        if secure_mode:
+            self.seed = None
+        elif seed is not None:
+            self.seed = check_seed("seed", seed)
+        elif generator is not None:
+            self.seed = seed_from_generator(generator)
+        else:
+            self.seed = fresh_seed()
 
     def sample(self, step, like):
         out = []
-        for ref in like:
-            g = self._generator_for(ref.device)
+        for index, ref in enumerate(like):
             if self.secure_mode:
+                g = secure_generator(ref.device)
                 z = torch.zeros_like(ref)
                 for _ in range(self.secure_draws):
                     z.add_(torch.randn(ref.shape, generator=g, dtype=ref.dtype, device=ref.device))
                 z.div_(self.secure_draws ** 0.5)
             else:
+                g = keyed_generator(self.seed, NOISE, step, index, device=ref.device)
                 z = torch.randn(ref.shape, generator=g, dtype=ref.dtype, device=ref.device)
             out.append(z)
         return out
 
     def state_dict(self):
-        if self.secure_mode or self.generator is None:
-            return {"secure_mode": self.secure_mode}
-        return {"secure_mode": False, "generator_state": self.generator.get_state()}
+        return {"secure_mode": self.secure_mode, "seed": self.seed}
 
     def load_state_dict(self, state):
-        if "generator_state" in state and self.generator is not None:
-            self.generator.set_state(state["generator_state"])
+        """Continue the checkpointed stream (its seed); a secure-mode run has nothing to restore.
 
-
-def _same_device(a: torch.device, b: torch.device) -> bool:
-    """``cuda`` and ``cuda:0`` name the same device when 0 is the current one."""
-    def index(d):
-        if d.type == "cuda" and d.index is None:
-            return torch.cuda.current_device()
-        return d.index or 0
-    return a.type == b.type and index(a) == index(b)
+        Raises:
+            ValueError: the checkpoint's ``secure_mode`` differs from this mechanism's.
+        """
+        if bool(state.get("secure_mode", False)) != self.secure_mode:
+            raise ValueError(f"checkpoint was written with secure_mode={state.get('secure_mode')}; this "
+                             f"noise has secure_mode={self.secure_mode}. Build it with the same setting.")
+        if not self.secure_mode:
+            if state.get("seed") is None:
+                raise ValueError("checkpoint holds no noise seed (written by an older dpkit): resuming "
+                                 "could replay earlier noise; start a new run")
+            self.seed = check_seed("seed", int(state["seed"]))

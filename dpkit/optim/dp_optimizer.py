@@ -18,9 +18,11 @@ from __future__ import annotations
 import torch
 
 from dpkit import _validate
-from dpkit.errors import PrivacyBudgetExceeded
+from dpkit.accountants import accumulated_poisson_event
+from dpkit.errors import AmbiguousStepError, PrivacyBudgetExceeded
 from dpkit.grad_sample.engine import GradientEngine
 from dpkit.mechanisms.noise import GaussianNoise, NoiseMechanism
+from dpkit.mechanisms.randomness import broadcast_seed
 from dpkit.optim.lazy_embedding import build_lazy_embedding_noise
 
 
@@ -84,10 +86,14 @@ class DPOptimizer(torch.optim.Optimizer):
                                  "(call torch.distributed.init_process_group first)")
             if secure_mode:
                 raise ValueError("distributed=True cannot use secure_mode: ranks must draw identical noise "
-                                 "from a shared seed (give the same seeded generator on every rank)")
-            if generator is None and noise is None:
-                raise ValueError("distributed=True needs generator= seeded identically on every rank, so "
-                                 "that the noise is the same everywhere and is added only once")
+                                 "from a shared seed")
+            # every rank must add the SAME noise (it is added once to the global sum): rank 0's
+            # seed wins, whatever each rank was given
+            noise_seed = getattr(noise, "seed", None)
+            if noise_seed is None:
+                raise ValueError("distributed=True needs a seeded noise mechanism (one with a .seed) so "
+                                 "that every rank draws the same noise")
+            noise.seed = broadcast_seed(noise_seed)
         self.distributed = distributed
         self.original_optimizer = optimizer
         self.engine = engine
@@ -99,7 +105,10 @@ class DPOptimizer(torch.optim.Optimizer):
         self.target: tuple[float, float] | None = None
         self._skip_next_step = False
         self._mid_logical_batch = False
+        self._loader = None          # dpkit's DP loader, when make_private built one
+        self._draws_since_step = 0   # logical batches it yielded since the last step
         self._contribution_hooks: list = []
+        self._pending_sampler = None  # sampler state of a checkpoint loaded before a loader attached
         self._check_parameters()
         # torch.optim.Optimizer bookkeeping (hooks, profiling), then share the base's state
         super().__init__(optimizer.param_groups, optimizer.defaults)
@@ -113,6 +122,13 @@ class DPOptimizer(torch.optim.Optimizer):
             expected_batch_size=self.expected_batch_size)
 
     def _check_parameters(self) -> None:
+        for p in self.engine.params:
+            if p.dtype in (torch.float16, torch.bfloat16):
+                raise TypeError(
+                    f"parameter {self.engine.parameter_name(p)!r} is {p.dtype}: the clipped sum would be "
+                    "rounded to low precision BEFORE the noise is added, and rounding of neighbouring "
+                    "sums is not covered by the Gaussian mechanism's analysis. Keep float32 parameters "
+                    "and train under torch.autocast(device_type, dtype=torch.bfloat16).")
         model_params = {id(p) for p in self.engine.params}
         for group in self.original_optimizer.param_groups:
             for p in group["params"]:
@@ -166,6 +182,38 @@ class DPOptimizer(torch.optim.Optimizer):
         separately). See :meth:`dpkit.grad_sample.GradientEngine.different_examples`."""
         return self.engine.different_examples()
 
+    def attach_loader(self, loader) -> None:
+        """Checkpoint ``loader``'s sampler with this optimizer and account its batches per step.
+
+        Called by :meth:`dpkit.data.DPDataLoader.attach_optimizer`.
+
+        Raises:
+            ValueError: this optimizer already resumed a run (``steps > 0``) and the loader's
+                sampler has a FIXED seed but no restored position: it would replay the batches
+                the run already trained on. Attach before ``load_state_dict``.
+        """
+        if self.steps > 0 and loader.batch_sampler.seed_is_fixed and self._pending_sampler is None:
+            raise ValueError("this optimizer resumed a run of {} steps, but the loader's seeded sampler "
+                             "starts from its first batch and would replay the run's batches. Build the "
+                             "loader with make_private BEFORE optimizer.load_state_dict(...)".format(self.steps))
+        self._loader = loader
+        if self._pending_sampler is not None:
+            loader.load_state_dict(self._pending_sampler)
+            self._pending_sampler = None
+
+    def note_batch(self, size: int, *, new_draw: bool, last_chunk: bool) -> None:
+        """Called by the DP loader before it yields a physical batch of ``size`` examples.
+
+        ``new_draw``: the batch starts a new sampled (logical) batch; ``last_chunk``: it ends one
+        (virtual batches: the optimizer only accumulates until then).
+        """
+        if new_draw:
+            self._draws_since_step += 1
+        self.signal_skip_step(not last_chunk)
+        expect = getattr(self.engine, "expect_batch", None)
+        if expect is not None:
+            expect(size)
+
     def signal_skip_step(self, do_skip: bool = True) -> None:
         """Make the next ``step()`` only accumulate (virtual batches: a non-final physical chunk)."""
         self._skip_next_step = bool(do_skip)
@@ -198,6 +246,7 @@ class DPOptimizer(torch.optim.Optimizer):
                 f"noise_multiplier was calibrated for {self.max_steps} steps to reach ε={self.target[0]} at "
                 f"δ={self.target[1]}; step {self.steps + 1} would exceed that budget. Plan a longer run "
                 "(epochs=/steps=) when calling make_private.")
+        event = self._event_of_this_step()
         self._mid_logical_batch = False
         self._check_all_gradients_seen()
         params = self.params
@@ -221,22 +270,53 @@ class DPOptimizer(torch.optim.Optimizer):
         if self._lazy is not None:
             self._lazy.step(self.engine)
         self.engine.reset()
-        if self.accountant is not None and self.step_event is not None:
-            self.accountant.compose(self.step_event)
+        if self.accountant is not None and event is not None:
+            self.accountant.compose(event)
         self.steps += 1
+        self._draws_since_step = 0
         return loss
+
+    def _event_of_this_step(self):
+        """The DP event of the step about to run, from the batches the DP loader yielded for it.
+
+        One sampled batch (or none: a noise-only release) is ``step_event``. k ≥ 2 Poisson batches
+        summed before one noise draw (gradient accumulation) is a Gaussian mechanism whose
+        sensitivity is C times the number of those batches that hold the differing example,
+        Binomial(k, q): a mixture of Gaussians (dp_accounting's MixtureOfGaussiansDpEvent). Without
+        a dpkit loader (``data_loader=None``) the caller declared one Poisson batch per step.
+
+        Raises:
+            AmbiguousStepError: accumulation that dpkit cannot account here (fixed-size sampling,
+                an accountant without mixture support, or a σ calibrated for one batch per step).
+        """
+        k = self._draws_since_step
+        if self.step_event is None or self._loader is None or k <= 1:
+            return self.step_event
+        fix = ("Accumulate with virtual batches instead: make_private(..., max_physical_batch_size=M) "
+               "keeps one sampled batch per step and splits it into chunks of at most M examples")
+        if not self._loader.poisson:
+            raise AmbiguousStepError(f"{k} fixed-size batches were accumulated into one step; their joint "
+                                     f"replace-one sensitivity is not accounted by dpkit. {fix}.")
+        if self.target is not None:
+            raise AmbiguousStepError(f"{k} Poisson batches were accumulated into one step, but σ was "
+                                     f"calibrated for ONE batch per step to reach ε={self.target[0]}. {fix}.")
+        event = accumulated_poisson_event(self.noise_multiplier, self._loader.sample_rate, k)
+        if self.accountant is not None and not self.accountant.supports(event):
+            raise AmbiguousStepError(f"{k} Poisson batches were accumulated into one step; accountant "
+                                     f"{self.accountant.name!r} cannot account that mixture (use 'pld'). {fix}.")
+        return event
 
     def _check_all_gradients_seen(self) -> None:
         """A parameter with an autograd gradient but no per-example contribution was used outside
         the engine's hooks: refuse rather than train it without clipping."""
         for p in self.params:
             if p.grad is not None and id(p) not in self.engine.summed_grads and \
-                    id(p) not in self.engine.sparse_sums and self.engine.examples_seen > 0 and \
+                    id(p) not in self.engine.sparse_sums and \
                     bool((p.grad._values() if p.grad.is_sparse else p.grad).ne(0).any()):
                 raise RuntimeError(
                     f"parameter {self.engine.parameter_name(p)!r} received a gradient that dpkit's hooks "
-                    "did not see (was the module called outside the model given to make_private, or in "
-                    "eval mode?). Its update cannot be clipped per example.")
+                    "did not see (was the module called outside the model given to make_private?). Its "
+                    "update cannot be clipped per example; the step was refused and nothing was spent.")
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear gradients; accumulated clipped sums survive inside a logical batch."""
@@ -273,6 +353,7 @@ class DPOptimizer(torch.optim.Optimizer):
             "max_grad_norm": self.max_grad_norm,
             "expected_batch_size": self.expected_batch_size,
             "lazy": self._lazy.state_dict() if self._lazy is not None else None,  # flushes first
+            "sampler": self._loader.state_dict() if self._loader is not None else None,
         }
         return state
 
@@ -292,6 +373,17 @@ class DPOptimizer(torch.optim.Optimizer):
         self.steps = dp_state["steps"]
         self.max_steps = dp_state.get("max_steps", self.max_steps)
         self.noise.load_state_dict(dp_state["noise"])
+        sampler = dp_state.get("sampler")
+        if self._loader is not None:
+            if sampler is None and self.steps > 0 and self._loader.batch_sampler.seed_is_fixed:
+                raise ValueError("checkpoint holds no sampler state, and this optimizer's loader has a fixed "
+                                 "seed: it would replay the batches the run already trained on. Start a new "
+                                 "run or build the loader without a fixed seed.")
+            if sampler is not None:
+                self._loader.load_state_dict(sampler)
+        else:
+            self._pending_sampler = sampler
+        self._draws_since_step = 0
         if self.accountant is not None and dp_state["accountant"] is not None:
             self.accountant.load_state_dict(dp_state["accountant"])
         if self._lazy is not None:

@@ -17,7 +17,6 @@ dense      w_t = Σ_{k≤t} C⁻¹[t, k] z_k (z_k regenerated)           none (O
 
 from __future__ import annotations
 
-import os
 from collections import deque
 
 import numpy as np
@@ -26,15 +25,7 @@ import torch
 from dpkit import _validate
 from dpkit.mechanisms.matrix.strategies import Strategy
 from dpkit.mechanisms.noise import NoiseMechanism
-
-_MASK = (1 << 64) - 1
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
-    return x ^ (x >> 31)
+from dpkit.mechanisms.randomness import fresh_seed, keyed_generator
 
 
 def counter_normal(seed: int, key: int, index: int, like: torch.Tensor,
@@ -51,9 +42,7 @@ def counter_normal(seed: int, key: int, index: int, like: torch.Tensor,
     Returns:
         A tensor of i.i.d. N(0, 1) entries.
     """
-    mixed = _splitmix64(_splitmix64(_splitmix64(seed & _MASK) ^ (key & _MASK)) ^ (index & _MASK))
-    g = torch.Generator(device=like.device)
-    g.manual_seed(mixed & ((1 << 63) - 1))
+    g = keyed_generator(seed, key, index, device=like.device)
     return torch.randn(like.shape, generator=g, dtype=dtype or like.dtype, device=like.device)
 
 
@@ -88,7 +77,7 @@ class CorrelatedNoise(NoiseMechanism):
         if not isinstance(strategy, Strategy):
             raise TypeError(f"strategy must be a dpkit matrix Strategy; got {type(strategy).__name__}")
         if seed is None:
-            seed = int.from_bytes(os.urandom(8), "little") >> 1
+            seed = fresh_seed()
         elif isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int or None; got {seed!r}")
         elif seed < 0:
