@@ -15,6 +15,7 @@ _PUBLIC = {
     "gaussian_event": "events",
     "laplace_event": "events",
     "compose_events": "events",
+    "accumulated_poisson_event": "accumulation",
     "NeighboringRelation": "events",
     # accountants
     "Accountant": "base",
