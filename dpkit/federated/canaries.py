@@ -17,6 +17,7 @@ import torch
 
 from dpkit import _validate
 from dpkit.audit import canary_directions
+from dpkit.federated import _seeds
 
 #: the canary's raw norm relative to the clip norm: > 1, so it is always clipped to exactly S_t
 CANARY_SCALE = 2.0
@@ -28,14 +29,16 @@ class Canaries:
     Args:
         num_canaries: k ≥ 2 inserted canaries.
         dim: model dimension d (number of federated scalars).
-        seed: integer seed of the directions (:func:`dpkit.audit.canary_directions`).
+        seed: integer seed of the directions (:func:`dpkit.audit.canary_directions`); default
+            None draws one from OS entropy (kept in :attr:`seed`). Audit randomness, not privacy
+            noise: a fixed seed does not warn.
         num_null: never-inserted canaries (≥ 2) used as the null of the all-iterates statistic.
 
     Raises:
         ValueError, TypeError: an argument out of range.
     """
 
-    def __init__(self, num_canaries, dim, *, seed=0, num_null=None):
+    def __init__(self, num_canaries, dim, *, seed=None, num_null=None):
         self.num_canaries = _validate.positive_int("num_canaries", num_canaries)
         if self.num_canaries < 2:
             raise ValueError(f"num_canaries must be >= 2 (one-shot estimation fits a Gaussian); got {num_canaries}")
@@ -43,7 +46,7 @@ class Canaries:
         if self.num_null < 2:
             raise ValueError(f"num_null must be >= 2; got {num_null}")
         self.dim = _validate.positive_int("dim", dim)
-        self.seed = _validate.positive_int("seed", seed, allow_zero=True)
+        self.seed = _seeds.resolve_seed("seed", seed, privacy=False)
         both = canary_directions(self.seed, self.num_canaries + self.num_null, self.dim)
         self.directions, self.null_directions = both[: self.num_canaries], both[self.num_canaries:]
         self._torch = torch.from_numpy(self.directions.astype(np.float32))

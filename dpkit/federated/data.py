@@ -46,6 +46,8 @@ class FederatedData:
 
 
 def _check_seed(seed) -> int:
+    # data-partition / synthetic-data seeds: simulation set-up, not privacy noise or sampling, so
+    # a fixed default is fine (the DP run's own seed defaults to OS entropy, see _seeds)
     return _validate.positive_int("seed", seed, allow_zero=True)
 
 
@@ -61,7 +63,7 @@ def dirichlet_partition(labels, num_clients, alpha, *, seed=0) -> list[np.ndarra
         labels: 1-D array of integer labels, length n.
         num_clients: M, 1 ≤ M ≤ n (so that every client holds at least one example).
         alpha: concentration α > 0.
-        seed: integer seed.
+        seed: integer seed (data set-up, not privacy randomness: a fixed default is fine).
 
     Returns:
         A list of M integer index arrays, disjoint, covering range(n).
@@ -109,7 +111,7 @@ def digits_clients(num_clients=100, alpha=0.5, *, test_fraction=0.2, seed=0) -> 
         num_clients: M, at most the number of training examples (1437 at the default split).
         alpha: Dirichlet concentration α > 0 of :func:`dirichlet_partition`.
         test_fraction: fraction in (0, 1) held out as the test set.
-        seed: integer seed of the split and the partition.
+        seed: integer seed of the split and the partition (data set-up, not privacy randomness).
 
     Returns:
         :class:`FederatedData` with 64 features and 10 classes.
@@ -150,7 +152,7 @@ def synthetic_clients(num_clients=30, alpha=1.0, beta=1.0, *, dim=60, num_classe
         num_classes: C ≥ 2 (10 in the paper).
         mean_size: mean number of examples per client, ≥ 2.
         test_size: examples in the held-out test set (0: no test set).
-        seed: integer seed.
+        seed: integer seed (data set-up, not privacy randomness: a fixed default is fine).
 
     Returns:
         :class:`FederatedData`.

@@ -53,10 +53,12 @@ class DPFedAvg:
             (see :func:`dpkit.federated.server_opt.make_server_optimizer`).
         adaptive_clipping: an :class:`~dpkit.federated.adaptive.AdaptiveClipping`, or None for a fixed S.
         accountant: registered accountant name (default ``"pld"``) or a fresh Accountant.
-        seed: integer seed of every random stream (sampling, noise), or None with
-            ``secure_mode=True``.
-        secure_mode: draw sampling and noise from OS entropy (:class:`GaussianNoise` secure mode);
-            the run is then not reproducible and ``seed`` must be None.
+        seed: run seed of every random stream (sampling, noise), keyed by (seed, purpose, round).
+            Default None: 63 bits of OS entropy, drawn once and kept in :meth:`state_dict` so a
+            resumed run continues its streams (keep checkpoints secret). An explicit integer is
+            for tests: it emits :class:`~dpkit.errors.SeededRandomnessWarning`.
+        secure_mode: draw sampling and noise from fresh OS entropy every round (:class:`GaussianNoise`
+            secure mode); the run is then not reproducible and ``seed`` must be None.
 
     Raises:
         ValueError, TypeError: an argument of the wrong kind or out of range.
@@ -64,7 +66,7 @@ class DPFedAvg:
 
     def __init__(self, params: Sequence[torch.Tensor], *, num_clients, sampling_rate, noise_multiplier,
                  clip_norm, server_optimizer="fedavg", adaptive_clipping: AdaptiveClipping | None = None,
-                 accountant="pld", seed=0, secure_mode=False):
+                 accountant="pld", seed=None, secure_mode=False):
         if isinstance(params, torch.Tensor) or not all(isinstance(p, torch.Tensor) for p in params):
             raise TypeError("params must be a sequence of tensors (the global model's parameters)")
         if len(params) == 0:
@@ -74,7 +76,7 @@ class DPFedAvg:
         if secure_mode and seed is not None:
             raise ValueError(f"seed must be None with secure_mode=True (randomness comes from OS entropy); got {seed!r}")
         if not secure_mode:
-            seed = _validate.positive_int("seed", seed, allow_zero=True)
+            seed = _seeds.resolve_seed("seed", seed)
         self.seed, self.secure_mode = seed, secure_mode
         self.num_clients = _validate.positive_int("num_clients", num_clients)
         self.sampling_rate = _validate.probability("sampling_rate", sampling_rate)
@@ -199,8 +201,15 @@ class DPFedAvg:
         return self.accountant.epsilon(_validate.delta("delta", delta))
 
     def state_dict(self) -> dict:
-        """Round counter, current clip norm, global model, server optimizer and ledger."""
-        return {"round": self.round, "clip_norm": self.clip_norm,
+        """Run seed, round counter, current clip norm, global model, server optimizer and ledger.
+
+        The seed is included so that :meth:`load_state_dict` into a freshly built server continues
+        the (seed, round)-keyed sampling and noise streams at the saved round: the resumed rounds
+        are exactly those of an uninterrupted run, never a replay of rounds 0, 1, ... The state
+        therefore lets its holder regenerate the noise: store checkpoints as secret as the data.
+        """
+        return {"seed": self.seed, "secure_mode": self.secure_mode,
+                "round": self.round, "clip_norm": self.clip_norm,
                 "params": [p.clone() for p in self.params],
                 # deep copy: torch returns live references to its state tensors, and its
                 # load_state_dict reuses them, so two servers would otherwise share moments
@@ -208,14 +217,27 @@ class DPFedAvg:
                 "accountant": self.accountant.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict` (build the object with the same settings first)."""
+        """Restore :meth:`state_dict`, seed included (build the object with the same settings first).
+
+        Raises:
+            TypeError: ``state`` is not a dict.
+            ValueError: ``state`` lacks the run seed (a checkpoint without it would restart the
+                streams at a new seed silently) or was saved with a different ``secure_mode``.
+        """
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict from state_dict(); got {type(state).__name__}")
+        if "seed" not in state or "secure_mode" not in state:
+            raise ValueError("state must come from DPFedAvg.state_dict() and contain 'seed' and "
+                             "'secure_mode' (the run's random streams); got keys " + repr(sorted(state)))
+        if bool(state["secure_mode"]) != self.secure_mode:
+            raise ValueError(f"state was saved with secure_mode={state['secure_mode']}; build the "
+                             f"server with the same secure_mode (got {self.secure_mode})")
         with torch.no_grad():
             for p, q in zip(self.params, state["params"]):
                 p.copy_(q)
         self.server_optimizer.load_state_dict(copy.deepcopy(state["server_optimizer"]))
         self.accountant.load_state_dict(state["accountant"])
+        self.seed = None if self.secure_mode else int(state["seed"])
         self.round, self.clip_norm, self._cohort = int(state["round"]), float(state["clip_norm"]), None
 
     def __repr__(self):

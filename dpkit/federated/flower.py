@@ -52,7 +52,8 @@ class DPFedAvgStrategy(Strategy):
         initial_parameters: the initial global model as a list of numpy arrays.
         num_clients: population size M (clients are indexed 0..M−1 through ``client_index``).
         sampling_rate, noise_multiplier, clip_norm, server_optimizer, adaptive_clipping,
-        accountant, seed, secure_mode: as in :class:`~dpkit.federated.dp_fedavg.DPFedAvg`.
+        accountant, seed, secure_mode: as in :class:`~dpkit.federated.dp_fedavg.DPFedAvg` (seed
+            None, the default: OS entropy, kept in :meth:`state_dict`; an explicit seed warns).
         delta: δ of the ε reported in the fit metrics.
         client_index: ``proxy -> int`` mapping a Flower client to its population index; default
             ``int(proxy.cid)``.
@@ -65,7 +66,7 @@ class DPFedAvgStrategy(Strategy):
     """
 
     def __init__(self, initial_parameters, *, num_clients, sampling_rate, noise_multiplier, clip_norm,
-                 server_optimizer="fedavg", adaptive_clipping=None, accountant="pld", seed=0,
+                 server_optimizer="fedavg", adaptive_clipping=None, accountant="pld", seed=None,
                  secure_mode=False, delta=1e-5, client_index: Callable | None = None,
                  evaluate_fn: Callable | None = None, epsilon_every=1):
         arrays = [np.asarray(a) for a in initial_parameters]
@@ -92,6 +93,29 @@ class DPFedAvgStrategy(Strategy):
     def epsilon(self, delta=None) -> float:
         """User-level ε spent so far."""
         return self.dpfedavg.epsilon(self.delta if delta is None else delta)
+
+    def state_dict(self) -> dict:
+        """Checkpoint between rounds: the DPFedAvg server state (run seed, round, model, server
+        optimizer, ledger) and ``history``. Keep it secret: the seed regenerates the noise.
+
+        Raises:
+            RuntimeError: called between ``configure_fit`` and ``aggregate_fit`` (a round is in flight).
+        """
+        if self._sent is not None:
+            raise RuntimeError("state_dict must be taken between rounds; a round is in flight "
+                               "(configure_fit ran, aggregate_fit has not)")
+        return {"dpfedavg": self.dpfedavg.state_dict(), "history": [dict(r) for r in self.history]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` into a strategy built with the same settings; Flower's next
+        ``configure_fit`` then samples and noises round ``state``'s round, as an uninterrupted run
+        would (Flower's own ``server_round`` restarts at 1 in a new ``Server.fit``; dpkit keys its
+        streams by its own round counter, not Flower's)."""
+        if not isinstance(state, dict) or "dpfedavg" not in state:
+            raise TypeError("state must be a dict from DPFedAvgStrategy.state_dict()")
+        self.dpfedavg.load_state_dict(state["dpfedavg"])
+        self.history = [dict(r) for r in state["history"]]
+        self._sent = None
 
     # ---------------------------------------------------------------- Flower interface
     def initialize_parameters(self, client_manager):
@@ -172,10 +196,12 @@ class DPFedAvgClient(NumPyClient):
     Args:
         trainer: a :class:`LocalTrainer` (its model is this client's work model).
         data: the client's ``(x, y)`` tensors.
-        seed: the run seed for local shuffling (None: OS entropy).
+        seed: the run seed for local shuffling (default None: fresh OS entropy per round).
+            Local shuffling is not privacy noise (the server's clipping and noise protect the
+            user whatever the local procedure), so a fixed seed does not warn.
     """
 
-    def __init__(self, trainer: LocalTrainer, data, *, seed=0):
+    def __init__(self, trainer: LocalTrainer, data, *, seed=None):
         if not isinstance(trainer, LocalTrainer):
             raise TypeError(f"trainer must be a dpkit LocalTrainer; got {type(trainer).__name__}")
         self.trainer, self.data = trainer, data
@@ -191,10 +217,11 @@ class DPFedAvgClient(NumPyClient):
         return self.get_parameters(config), int(self.data[1].shape[0]), {}
 
 
-def make_client_fn(model, data, client_optimizer, *, local_epochs=1, local_batch_size=10, loss_fn=None, seed=0):
+def make_client_fn(model, data, client_optimizer, *, local_epochs=1, local_batch_size=10, loss_fn=None, seed=None):
     """``cid -> flwr Client`` for the clients of a :class:`~dpkit.federated.data.FederatedData`.
 
-    Each call builds a fresh :class:`DPFedAvgClient` over its own deep copy of ``model``.
+    Each call builds a fresh :class:`DPFedAvgClient` over its own deep copy of ``model``; ``seed``
+    is its local-shuffling seed (default None: OS entropy; not privacy noise).
     """
     def client_fn(cid: str):
         trainer = LocalTrainer(copy.deepcopy(model), client_optimizer, epochs=local_epochs,

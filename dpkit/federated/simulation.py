@@ -43,11 +43,15 @@ class FederatedSimulation:
         adaptive_clipping: :class:`AdaptiveClipping` or None.
         accountant: accountant name or fresh Accountant.
         delta: δ of the ε reported each round (user-level; choose δ ≪ 1/M).
-        seed: integer seed of every stream (None with ``secure_mode``).
-        secure_mode: sampling and noise from OS entropy.
+        seed: run seed of every stream (sampling, noise, local shuffling), as in
+            :class:`~dpkit.federated.dp_fedavg.DPFedAvg`: default None = OS entropy, kept in
+            :meth:`state_dict`; an explicit integer (tests) emits ``SeededRandomnessWarning``.
+        secure_mode: sampling, noise and local shuffling from fresh OS entropy (``seed`` None).
         num_canaries: k canary clients added to the population (0: none; else ≥ 2). They are
             sampled like real clients, so M counts them (q·M uses M = real + canaries).
-        canary_seed: seed of the canary directions (default: derived from ``seed``).
+        canary_seed: seed of the canary directions (default: derived from the run seed; OS
+            entropy in secure mode). Audit randomness, not privacy noise: a fixed value does not
+            warn.
         log_path: file to append one JSON object per round to (None: no file).
         progress: show a tqdm progress bar.
         epsilon_every: compute ε every this many rounds (and at the last one); others log null.
@@ -60,7 +64,7 @@ class FederatedSimulation:
     def __init__(self, model: nn.Module, data: FederatedData, *, client_optimizer: Callable,
                  sampling_rate, noise_multiplier, clip_norm, local_epochs=1, local_batch_size=10,
                  loss_fn=None, server_optimizer="fedavg", adaptive_clipping: AdaptiveClipping | None = None,
-                 accountant="pld", delta=1e-5, seed=0, secure_mode=False, num_canaries=0,
+                 accountant="pld", delta=1e-5, seed=None, secure_mode=False, num_canaries=0,
                  canary_seed=None, log_path=None, progress=True, epsilon_every=1, eval_every=1):
         if not isinstance(data, FederatedData):
             raise TypeError(f"data must be a dpkit.federated.FederatedData; got {type(data).__name__}")
@@ -84,8 +88,9 @@ class FederatedSimulation:
         self._initial = self._flat(self.server.params)
         self._round_updates: list[np.ndarray] = []
         if self.num_canaries:
-            if canary_seed is None:
-                canary_seed = _seeds.derive_seed(0 if seed is None else seed, _seeds.CANARY)
+            if canary_seed is None and self.server.seed is not None:
+                canary_seed = _seeds.derive_seed(self.server.seed, _seeds.CANARY)
+            canary_seed = _seeds.resolve_seed("canary_seed", canary_seed, privacy=False)
             self.canaries = Canaries(self.num_canaries, self.dim, seed=canary_seed)
         self.history: list[dict] = []
         self._planned = math.inf  # last round of the current run(): ε and evaluation always logged there
@@ -122,6 +127,45 @@ class FederatedSimulation:
             with open(self.log_path, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(record) + "\n")
         return record
+
+    def state_dict(self) -> dict:
+        """Everything a resumed simulation needs: the server (seed, round, model, server optimizer,
+        ledger), the canary seed, the initial model and per-round updates (for the canary estimate)
+        and the log ``history``.
+
+        Save it with ``torch.save`` and restore it into a freshly built simulation with the same
+        settings and data: the resumed rounds sample, train and noise exactly as an uninterrupted
+        run would (every stream is keyed by (seed, round)). The state contains the run seed, so
+        it lets its holder regenerate the noise: keep it as secret as the data.
+        """
+        return {"server": self.server.state_dict(),
+                "canary_seed": None if self.canaries is None else self.canaries.seed,
+                "initial": self._initial.copy(),
+                "round_updates": [u.copy() for u in self._round_updates],
+                "history": [dict(r) for r in self.history]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` into a simulation built with the same settings and data.
+
+        Raises:
+            TypeError: ``state`` is not a dict.
+            ValueError: the state does not match this simulation (canaries present in one and
+                not the other, or a different model size).
+        """
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict from state_dict(); got {type(state).__name__}")
+        if (state["canary_seed"] is None) != (self.canaries is None):
+            raise ValueError("state must come from a simulation with the same num_canaries; got a state "
+                             f"{'without' if state['canary_seed'] is None else 'with'} canaries")
+        initial = np.asarray(state["initial"], dtype=np.float64)
+        if initial.shape != (self.dim,):
+            raise ValueError(f"state must be for a model with {self.dim} parameters; got {initial.shape[0]}")
+        self.server.load_state_dict(state["server"])
+        if self.canaries is not None:
+            self.canaries = Canaries(self.num_canaries, self.dim, seed=state["canary_seed"])
+        self._initial = initial.copy()
+        self._round_updates = [np.asarray(u, dtype=np.float64).copy() for u in state["round_updates"]]
+        self.history = [dict(r) for r in state["history"]]
 
     def run(self, rounds) -> list[dict]:
         """Run ``rounds`` more rounds with a progress bar; returns their log records."""

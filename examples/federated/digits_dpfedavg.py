@@ -33,16 +33,18 @@ def main():
     p.add_argument("--local-epochs", type=int, default=2)
     p.add_argument("--canaries", type=int, default=0)
     p.add_argument("--delta", type=float, default=1e-4, help="user-level δ (≪ 1/clients)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None,
+                   help="run seed of sampling and noise (default: OS entropy; a fixed seed is for tests and warns)")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the client partition and initial model (not privacy noise)")
     p.add_argument("--log", default=None, help="JSON-lines file, one record per round")
     args = p.parse_args()
 
     torch.set_num_threads(1)  # many tiny local trainings: threads only add overhead
     if args.dataset == "digits":
-        data = digits_clients(args.clients, args.alpha, seed=args.seed)
+        data = digits_clients(args.clients, args.alpha, seed=args.data_seed)
     else:
-        data = synthetic_clients(args.clients, args.alpha, args.alpha, seed=args.seed)
-    torch.manual_seed(args.seed)
+        data = synthetic_clients(args.clients, args.alpha, args.alpha, seed=args.data_seed)
+    torch.manual_seed(args.data_seed)
     model = torch.nn.Linear(data.num_features, data.num_classes)
     sim = FederatedSimulation(
         model, data, client_optimizer=lambda params: torch.optim.SGD(params, lr=args.client_lr),

@@ -6,17 +6,20 @@
 Flower's Ray-based simulation engine is not needed: :func:`dpkit.federated.flower.run_in_process`
 registers in-process client proxies with Flower's ``SimpleClientManager`` and runs Flower's
 ``Server.fit`` (threads). The same :class:`~dpkit.federated.flower.DPFedAvgStrategy` works with
-gRPC clients or ``flwr.simulation`` when Ray is installed. With the same seeds, the released model
-is bit-identical to dpkit's in-process simulator (checked at the end).
+gRPC clients or ``flwr.simulation`` when Ray is installed. The run seed comes from OS entropy;
+re-running dpkit's in-process simulator with the SAME seed (read back from the strategy) gives a
+bit-identical released model (checked at the end).
 """
 
 import argparse
 import copy
 import logging
+import warnings
 
 import numpy as np
 import torch
 
+from dpkit.errors import SeededRandomnessWarning
 from dpkit.federated import FederatedSimulation, digits_clients
 from dpkit.federated.flower import DPFedAvgStrategy, make_client_fn, run_in_process
 
@@ -29,13 +32,13 @@ def main():
     p.add_argument("--sigma", type=float, default=1.0)
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--delta", type=float, default=1e-4)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the client partition and initial model (not privacy noise)")
     args = p.parse_args()
     logging.getLogger("flwr").setLevel(logging.WARNING)
     torch.set_num_threads(1)
 
-    data = digits_clients(args.clients, 0.5, seed=args.seed)
-    torch.manual_seed(args.seed)
+    data = digits_clients(args.clients, 0.5, seed=args.data_seed)
+    torch.manual_seed(args.data_seed)
     model = torch.nn.Linear(64, 10)
     x_test, y_test = data.test
 
@@ -53,15 +56,17 @@ def main():
     def sgd(params):
         return torch.optim.SGD(params, lr=0.1)
 
-    settings = dict(sampling_rate=args.q, noise_multiplier=args.sigma, clip_norm=args.clip, seed=args.seed,
-                    delta=args.delta)
+    settings = dict(sampling_rate=args.q, noise_multiplier=args.sigma, clip_norm=args.clip, delta=args.delta)
     strategy = DPFedAvgStrategy([a.detach().numpy().copy() for a in model.parameters()],
-                                num_clients=args.clients, evaluate_fn=evaluate_fn, **settings)
-    run_in_process(strategy, make_client_fn(model, data, sgd, local_epochs=2, seed=args.seed),
+                                num_clients=args.clients, evaluate_fn=evaluate_fn, **settings)  # seed: OS entropy
+    seed = strategy.dpfedavg.seed  # secret of this run; the clients' local shuffling uses it too
+    run_in_process(strategy, make_client_fn(model, data, sgd, local_epochs=2, seed=seed),
                    args.clients, args.rounds)
 
-    sim = FederatedSimulation(copy.deepcopy(model), data, client_optimizer=sgd, local_epochs=2,
-                              progress=False, epsilon_every=args.rounds, **settings)
+    with warnings.catch_warnings():  # deliberately re-using the run's seed to check bit-identity
+        warnings.simplefilter("ignore", SeededRandomnessWarning)
+        sim = FederatedSimulation(copy.deepcopy(model), data, client_optimizer=sgd, local_epochs=2,
+                                  progress=False, epsilon_every=args.rounds, seed=seed, **settings)
     sim.run(args.rounds)
     same = all(np.array_equal(a.numpy(), b) for a, b in zip(sim.server.params, strategy.current_parameters))
     print(f"user-level ε = {strategy.epsilon():.3f} at δ = {args.delta}; "

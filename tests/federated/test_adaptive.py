@@ -11,6 +11,9 @@ from scipy import integrate, stats
 from dpkit.accountants import dpsgd_event
 from dpkit.federated import AdaptiveClipping, DPFedAvg, joint_noise_multiplier, update_noise_multiplier
 
+# explicit seeds below are test conveniences (they warn; see test_seeds_and_resume.py)
+pytestmark = pytest.mark.filterwarnings("ignore::dpkit.errors.SeededRandomnessWarning")
+
 
 def _two_dim_gaussian_delta(s1, s2, epsilon):
     """δ(ε) of N((1, ½), diag(s1², s2²)) vs N(0, same): quadrature over x of the exact inner y-integral.

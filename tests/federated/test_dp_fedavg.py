@@ -12,6 +12,9 @@ from dpkit.accountants import dpsgd_event
 from dpkit.federated import DPFedAvg, FedAdam, FederatedSimulation
 from tests.federated.helpers import plain_fedavg, tiny_data
 
+# explicit seeds below are test conveniences (they warn; see test_seeds_and_resume.py)
+pytestmark = pytest.mark.filterwarnings("ignore::dpkit.errors.SeededRandomnessWarning")
+
 
 def _zeros(shapes):
     return [torch.zeros(s) for s in shapes]

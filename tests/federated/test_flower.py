@@ -18,6 +18,9 @@ from dpkit.federated.flower import (DPFedAvgStrategy, InProcessClientProxy, make
                                     run_in_process)
 from tests.federated.helpers import tiny_data  # noqa: E402
 
+# explicit seeds below are test conveniences (they warn; see test_seeds_and_resume.py)
+pytestmark = pytest.mark.filterwarnings("ignore::dpkit.errors.SeededRandomnessWarning")
+
 logging.getLogger("flwr").setLevel(logging.WARNING)
 
 
