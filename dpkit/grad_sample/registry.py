@@ -14,26 +14,42 @@ import sys
 import torch.nn as nn
 
 _REGISTERED: dict[type, object] = {}
+_BY_NAME: dict[str, object] = {}  # "package.module.Class" -> rule
 # optional library (top-level module name) -> dpkit module that registers its rules on import
 _INTEGRATIONS = {"transformers": "dpkit.integrations.transformers"}
 _loaded: set[str] = set()
 
 
-def register_rule(module_class: type, rule) -> None:
+def register_rule(module_class, rule) -> None:
     """Use ``rule`` for every module whose exact class is ``module_class``.
 
+    Args:
+        module_class: an ``nn.Module`` subclass, or its qualified name ``"package.module.Class"``
+            (an integration can then name a class without importing the module defining it).
+        rule: a :class:`~dpkit.grad_sample.layers.LinearViewRule` or
+            :class:`~dpkit.grad_sample.layers.PerSampleRule` instance.
+
     Raises:
-        TypeError: ``module_class`` is not an ``nn.Module`` subclass.
+        TypeError: ``module_class`` is neither an ``nn.Module`` subclass nor a dotted name.
     """
+    if isinstance(module_class, str):
+        if "." not in module_class:
+            raise TypeError(f"module_class must be a qualified name 'package.module.Class'; got {module_class!r}")
+        _BY_NAME[module_class] = rule
+        return
     if not (isinstance(module_class, type) and issubclass(module_class, nn.Module)):
         raise TypeError(f"module_class must be an nn.Module subclass; got {module_class!r}")
     _REGISTERED[module_class] = rule
 
 
 def registered_rule(module: nn.Module):
-    """The rule registered for ``type(module)``, or None."""
+    """The rule registered for ``type(module)`` (by class, then by qualified name), or None."""
     _load_integrations()
-    return _REGISTERED.get(type(module))
+    cls = type(module)
+    rule = _REGISTERED.get(cls)
+    if rule is None and _BY_NAME:
+        rule = _BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
+    return rule
 
 
 def _load_integrations() -> None:

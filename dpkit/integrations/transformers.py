@@ -1,0 +1,93 @@
+"""Per-example gradient rules for layers Hugging Face ``transformers`` defines itself.
+
+Imported by :mod:`dpkit.grad_sample.registry` once the user has imported ``transformers``; dpkit
+never imports ``transformers`` on its own (``pip install dpkit[hf]`` installs it).
+
+* ``transformers.pytorch_utils.Conv1D`` (GPT, GPT-2): ``y = x @ W + b`` with ``W`` of shape
+  (in, out), a linear layer with a transposed weight. Its per-example gradient
+  ``G_i = Σ_t x_{i,t}ᵀ ḡ_{i,t}`` (in × out) is a linear view, so book-keeping applies: ghost norm or
+  instantiation chosen per input shape, clipped sum by one extra matrix product (Bu, Wang, Zha,
+  Karypis, ICML 2023, Sec. 3; the ghost norm of Li, Tramèr, Liang, Hashimoto, ICLR 2022).
+* RMSNorm-style layers that model families define themselves (LlamaRMSNorm, MistralRMSNorm,
+  Qwen2RMSNorm, GemmaRMSNorm with its ``(1 + weight)`` scale, T5LayerNorm, ...): the output is
+  element-wise affine in the weight, ``y = s(x) ⊙ w + r(x)``, so the per-example weight gradient is
+  ``Σ_positions ḡ ⊙ s(x)`` with ``s(x) = y(w=1) − y(w=0)`` taken from the layer's OWN forward (its
+  dtype casts included). Without these rules the layers take the generic torch.func fallback.
+
+Classes are matched by their qualified name (module path + class name), so no model family's code
+is imported here; a class absent from the installed version simply never matches.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.func import functional_call
+
+from dpkit.grad_sample.layers import LinearView, LinearViewRule, PerSampleRule
+from dpkit.grad_sample.registry import register_rule
+
+
+class Conv1DRule(LinearViewRule):
+    """``transformers`` Conv1D on inputs of shape (B, *, in): every non-batch position is a token.
+
+    The weight is (in, out), the transpose of nn.Linear's, so the view's roles are swapped:
+    ``G_i = Σ_t a_tᵀ ḡ_t`` is built as a :class:`LinearView` whose "output" side is the activation.
+    The ghost norm ‖G_i‖² = ⟨a_i a_iᵀ, ḡ_i ḡ_iᵀ⟩ is symmetric in the two roles.
+    """
+
+    def view(self, module, activation, grad_output):
+        B = activation.shape[0]
+        a = activation.reshape(B, 1, -1, activation.shape[-1])
+        g = grad_output.reshape(B, 1, -1, grad_output.shape[-1])
+        bias = g.sum(dim=2).reshape(B, -1) if _trainable(module.bias) else None
+        return LinearView(a=g, g=a, weight_shape=module.weight.shape, bias_grad=bias)
+
+
+class ElementwiseScaleRule(PerSampleRule):
+    """Layers ``y = s(x) ⊙ w + r(x)`` with one parameter ``weight`` over the trailing axes
+    (RMSNorm variants, with or without Gemma's ``1 + weight``)."""
+
+    def per_sample_grads(self, module, x, grad_output):
+        w = module.weight
+        out = {}
+        if not w.requires_grad:
+            return out
+        with torch.no_grad():
+            ones = functional_call(module, {"weight": torch.ones_like(w)}, (x,))
+            zeros = functional_call(module, {"weight": torch.zeros_like(w)}, (x,))
+        slope = (ones - zeros).to(grad_output.dtype)
+        positions = tuple(range(1, x.dim() - w.dim()))
+        out["weight"] = (grad_output * slope).sum(dim=positions).reshape(x.shape[0], *w.shape)
+        return out
+
+
+def _trainable(p) -> bool:
+    return isinstance(p, torch.Tensor) and p.requires_grad
+
+
+_MODELS = "transformers.models"
+# (model family, class) whose forward is element-wise affine in `weight` (checked against the
+# batch-of-1 reference in tests/integrations/test_hf_rules.py)
+ELEMENTWISE_SCALE_CLASSES = tuple(f"{_MODELS}.{family}.modeling_{family}.{cls}" for family, cls in (
+    ("llama", "LlamaRMSNorm"),
+    ("mistral", "MistralRMSNorm"),
+    ("mixtral", "MixtralRMSNorm"),
+    ("qwen2", "Qwen2RMSNorm"),
+    ("qwen2_moe", "Qwen2MoeRMSNorm"),
+    ("qwen3", "Qwen3RMSNorm"),
+    ("qwen3_moe", "Qwen3MoeRMSNorm"),
+    ("phi3", "Phi3RMSNorm"),
+    ("gemma", "GemmaRMSNorm"),
+    ("gemma2", "Gemma2RMSNorm"),
+    ("gemma3", "Gemma3RMSNorm"),
+    ("olmo2", "Olmo2RMSNorm"),
+    ("granite", "GraniteRMSNorm"),
+    ("smollm3", "SmolLM3RMSNorm"),
+    ("t5", "T5LayerNorm"),
+    ("mt5", "MT5LayerNorm"),
+))
+CONV1D_CLASS = "transformers.pytorch_utils.Conv1D"
+
+register_rule(CONV1D_CLASS, Conv1DRule())
+for _name in ELEMENTWISE_SCALE_CLASSES:
+    register_rule(_name, ElementwiseScaleRule())
