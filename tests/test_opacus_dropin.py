@@ -65,9 +65,9 @@ def run_script(name, backend, **kwargs):
 
 # ------------------------------------------------------------------ the scripts, dpkit vs Opacus
 def test_cnn_digits_make_private_with_epsilon():
-    ours = run_script("cnn_digits", "dpkit", epochs=2)
-    theirs = run_script("cnn_digits", "opacus", epochs=2)
-    q, steps = 64 / 1792, 2 * 28                      # B divides N: Opacus' q = 1/len(loader) is the same
+    ours = run_script("cnn_digits", "dpkit", epochs=1)
+    theirs = run_script("cnn_digits", "opacus", epochs=1)
+    q, steps = 64 / 1792, 28                          # B divides N: Opacus' q = 1/len(loader) is the same
     assert ours["steps"] == theirs["steps"] == steps
     sigma = ours["noise_multiplier"]
     # the "prv" account of the run that ran is an upper bound close to the exact PLD ε
@@ -78,8 +78,8 @@ def test_cnn_digits_make_private_with_epsilon():
     # same script on Opacus: its ε is within the accountants' error gap; dpkit adds at least as much noise
     assert ours["epsilon"] <= theirs["epsilon"] + PRV_ERROR_GAP
     assert theirs["noise_multiplier"] <= sigma <= 1.02 * theirs["noise_multiplier"]
-    assert ours["loss_after"] < 0.7 * ours["loss_before"]
-    assert theirs["loss_after"] < 0.7 * theirs["loss_before"]
+    assert ours["loss_after"] < 0.85 * ours["loss_before"]      # one epoch: 2.31 -> about 1.6
+    assert theirs["loss_after"] < 0.85 * theirs["loss_before"]
 
 
 def test_text_embedding_rdp_accountant():
@@ -220,14 +220,14 @@ def test_model_is_not_wrapped_and_hooks_can_be_removed():
 
 
 def test_checkpoint_round_trip_restores_ledger_and_steps(tmp_path):
-    engine, args = _setup()
+    engine, args = _setup(PrivacyEngine(accountant="pld"))
     model, optimizer, loader = engine.make_private(**args)
     _train(model, optimizer, loader, 3)
     engine.save_checkpoint(path=tmp_path / "ck.pt", module=model, optimizer=optimizer)
     eps = engine.get_epsilon(DELTA)
-    assert len(engine.accountant) == 3 and eps == pytest.approx(pld_epsilon(1.0, 0.25, 3), abs=0.06)
+    assert len(engine.accountant) == 3 and eps == pytest.approx(pld_epsilon(1.0, 0.25, 3), rel=1e-3)
 
-    engine2, args2 = _setup()
+    engine2, args2 = _setup(PrivacyEngine(accountant="pld"))
     model2, optimizer2, loader2 = engine2.make_private(**args2)
     checkpoint = engine2.load_checkpoint(path=tmp_path / "ck.pt", module=model2, optimizer=optimizer2)
     assert "privacy_accountant_state_dict" in checkpoint
@@ -308,7 +308,7 @@ def test_other_refusals():
 
 def test_planned_run_is_enforced():
     """make_private_with_epsilon: the calibrated budget is a hard limit (Opacus would keep spending)."""
-    engine, args = _setup()
+    engine, args = _setup(PrivacyEngine(accountant="rdp"))
     del args["noise_multiplier"]
     model, optimizer, loader = engine.make_private_with_epsilon(**args, target_epsilon=2.0,
                                                                 target_delta=DELTA, epochs=1)
