@@ -1,9 +1,11 @@
 """The gradient engine: per-example clipping of a model's gradients from ONE backward pass.
 
-Hooks on every module that owns trainable parameters keep what its rule needs from the forward
-pass (activations) and the output gradients from the backward pass. :meth:`GradientEngine.accumulate`
+Hooks on every module that owns parameters keep what its rule needs from the forward pass
+(activations) and the output gradients from the backward pass. :meth:`GradientEngine.accumulate`
 then turns them into per-example norms, clip factors and the clipped SUM Σ_i c_i g_i, added to a
-running sum (several physical batches may make up one logical batch).
+running sum (several physical batches may make up one logical batch). Capture depends on autograd
+only (grad enabled), not on ``module.training``: training in eval mode (dropout off) is clipped
+like any other step, and ``torch.no_grad()`` evaluation records nothing.
 
 Engines (``mode``):
 
@@ -14,11 +16,51 @@ Engines (``mode``):
   and a fallback.
 
 Layers without a rule use the torch.func fallback; cross-example layers are refused at wrap time.
+
+**Forward passes and examples.** Every forward pass of the model opens a *generation*: the
+records (activations, later output gradients) of the layers it runs. A record is owned by the
+autograd graph until its first output gradient arrives, so a pass whose output never reaches a
+backward (metrics, validation with grad enabled) is freed with its graph and never counts.
+Generations are clipped at the next forward pass after their backward, or at :meth:`accumulate`:
+
+* generations that received gradients in DIFFERENT backward passes are separate sets of examples
+  (gradient accumulation: forward, backward, forward, backward);
+* two or more generations whose gradients arrived in the SAME backward pass (a multi-view loss
+  ``ce(m(x), y) + ((m(x) - m(x_aug))**2).sum()``) are ambiguous — one example reaches the update
+  through several passes, and clipping each pass separately would let it move the update by k·C —
+  and raise :class:`dpkit.errors.AmbiguousStepError` unless declared: passes inside
+  :meth:`same_examples` form one generation (the per-example gradient is the sum over the passes,
+  clipped once, exactly like a layer used twice in one pass); passes inside
+  :meth:`different_examples` are separate sets of examples.
+
+**Batch axis.** Every captured use is matched to the batch size n of its generation: n declared
+by :meth:`expect_batch` (dpkit's data loader does it for each batch) or, undeclared, inferred from
+agreement — the first use whose layer fixes its batch axis, else axis 0 of the first use.
+
+* Layers whose API fixes the batch axis (convolutions, GroupNorm/InstanceNorm, EmbeddingBag,
+  attention, RNNs and Transformer layers through ``batch_first``, layers inside an
+  ``nn.Transformer*`` module through its ``batch_first``, registered custom rules: axis 0, or an
+  axis given to :meth:`set_batch_axis`) must have size n on that axis.
+* Position-wise layers (Linear, LayerNorm, RMSNorm, Embedding) accept any leading axis: the batch
+  is the ONE non-feature axis of size n, so a time-major (T, B, d) input with T ≠ B is clipped
+  per example exactly. When several axes have size n (T == B) the axis proven for that layer by an
+  earlier batch (where it was the only one) is kept; with no such proof the step is refused with
+  AmbiguousStepError naming the layer (fix: :meth:`set_batch_axis`). n ≤ 1 is never ambiguous
+  (every choice groups the same values).
+* A position-wise layer whose input has size 1 where the batch should be (position ids of shape
+  (1, T) broadcast over the batch) is handled when n is declared: its output is expanded (a view,
+  no copy) to n rows, so the gradient of example i arrives as row i.
+
+Without a declaration a time-major model whose layers all see (T, B, d) cannot be told from a
+batch-first one with batch T: let dpkit's loader declare n.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import types
+import weakref
 from collections import defaultdict
 
 import torch
@@ -26,6 +68,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
 from dpkit import _validate
+from dpkit.errors import AmbiguousStepError
 from dpkit.grad_sample.attention import (
     AttentionInProjectionRule,
     make_bk_attention_forward,
@@ -40,7 +83,16 @@ from dpkit.grad_sample.contributions import (
     combine,
 )
 from dpkit.grad_sample.functorch_fallback import FunctorchFallback, output_axes
-from dpkit.grad_sample.layers import ConvRule, EmbeddingBagRule, EmbeddingRule, LinearViewRule, rule_for
+from dpkit.grad_sample.layers import (
+    ConvRule,
+    EmbeddingBagRule,
+    EmbeddingRule,
+    LayerNormRule,
+    LinearRule,
+    LinearViewRule,
+    RMSNormRule,
+    rule_for,
+)
 from dpkit.grad_sample.rnn import check_rnn
 from dpkit.grad_sample.validation import check_model
 
@@ -49,6 +101,79 @@ ENGINES = ("bk", "per_sample")
 ATOMIC_MODULES = (nn.MultiheadAttention,)
 CLIP_SCOPES = ("flat", "per_layer")
 CLIP_FUNCTIONS = ("standard", "automatic")
+# rules that accept any leading axes; value: number of trailing feature axes of the output
+_POSITIONWISE = {LinearRule: lambda m: 1, EmbeddingRule: lambda m: 1,
+                 LayerNormRule: lambda m: len(m.normalized_shape),
+                 RMSNormRule: lambda m: len(m.normalized_shape)}
+# containers whose batch_first fixes the batch axis of the layers they call
+_TRANSFORMERS = (nn.Transformer, nn.TransformerEncoder, nn.TransformerDecoder,
+                 nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+_MULTI_PASS_FIX = ("run the forward passes inside `with optimizer.same_examples():` if they see the "
+                   "SAME examples (e.g. two views of one batch: each example's gradient is summed over "
+                   "the passes and clipped once) or inside `with optimizer.different_examples():` if "
+                   "each pass carries different examples (each clipped separately)")
+
+
+class _Generation:
+    """The records of one forward pass (or of one ``same_examples`` block)."""
+
+    def __init__(self, index: int, kind: str | None, n: int | None, sink: dict):
+        self.index, self.kind, self.n = index, kind, n
+        self.uses: dict = {}  # module -> [weakref to _Record]: the autograd graph owns the records
+        self.done: dict = {}  # module -> [_Record] whose output gradient arrived (owned here)
+        self.backwards: set[int] = set()  # autograd graph tasks that delivered gradients
+        self._sink = sink  # the engine's generations waiting to be clipped
+
+    def arrived(self, record) -> None:
+        self.backwards.add(torch._C._current_graph_task_id())
+        if not record.has_grad:
+            record.has_grad = True
+            self.done.setdefault(record.module, []).append(record)
+            self._sink[self.index] = self
+
+    def release(self) -> None:
+        """Break the generation <-> record references once clipped (frees the activations now)."""
+        self.done.clear()
+        self.uses.clear()
+
+
+class _Slots(list):
+    """Output-gradient slots of a record; storing a gradient files the record with its generation."""
+
+    def __init__(self, n: int, record):
+        super().__init__([None] * n)
+        self._record = weakref.ref(record)
+
+    def __setitem__(self, index, value):
+        super().__setitem__(index, value)
+        record = self._record()
+        if record is not None:
+            record.gen.arrived(record)
+
+
+class _Record(list):
+    """``[captured, output-gradient slots]`` of one use of a layer (rules index it as a pair)."""
+
+    def __init__(self, captured, n_outputs: int):
+        super().__init__([captured, _Slots(n_outputs, self)])
+        self.has_grad = False
+        self.gen = None
+        self.module = None
+
+
+class _EngineForward:
+    """A layer's forward while the engine is attached. ``copy.deepcopy`` of the model gives the
+    copy its class's plain forward: the copy computes with its own weights and records nothing."""
+
+    def __init__(self, module: nn.Module, fn):
+        self.module, self.fn = module, fn
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        copy = memo.get(id(self.module), self.module)
+        return types.MethodType(type(copy).forward, copy)
 
 
 class GradientEngine:
@@ -60,7 +185,8 @@ class GradientEngine:
         max_grad_norm: clip norm C > 0 (total over all parameters with ``clip_scope="flat"``).
         mode: ``"bk"`` (default) or ``"per_sample"``.
         clip_scope: ``"flat"`` (one norm over all parameters) or ``"per_layer"`` (each parameter
-            tensor clipped to C/√P, P parameter tensors, so the total contribution is still ≤ C).
+            tensor clipped to C/√P, P the number of tensors trainable AT THIS STEP, so the total
+            contribution stays ≤ C when parameters are frozen or unfrozen later).
         clip_function: ``"standard"`` (c_i = min(1, C/‖g_i‖)) or ``"automatic"`` (c_i = C/(‖g_i‖+γ),
             Bu, Mao, Xu, NeurIPS 2023, "Automatic clipping", Eq. 4; ‖c_i g_i‖ < C always).
         loss_reduction: ``"mean"`` if the loss averages over the batch (the captured output
@@ -72,6 +198,9 @@ class GradientEngine:
     Raises:
         ValueError/TypeError: bad arguments, named.
         UnsupportedModuleError: BatchNorm and other cross-example layers.
+
+    Norms and clip factors are kept in float32 or wider and clipped sums are formed in float32 or
+    wider, so a bf16/fp16 autocast step cannot push a contribution past C by rounding the factor.
     """
 
     def __init__(self, model: nn.Module, *, max_grad_norm: float, mode: str = "bk",
@@ -87,11 +216,12 @@ class GradientEngine:
         self.stability = _validate.positive("stability", stability)
         check_model(model)
         self.model = model
-        self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("model must have at least one trainable parameter (requires_grad=True); "
                              "got none")
-        self._names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+        self._names = {id(p): n for n, p in model.named_parameters()}
+        # every module with parameters gets hooks (frozen ones record nothing while frozen), so
+        # that unfreezing a layer later is still clipped
         self._owners: list[tuple[str, nn.Module, object]] = []
         atomic_prefixes: list[str] = []
         for name, module in model.named_modules():
@@ -99,24 +229,36 @@ class GradientEngine:
                 continue  # parameters already owned by an enclosing atomic module
             if self.mode == "bk" and supports_bk_attention(module):
                 # projections as linear views; out_proj is called as a module and has its own rule
-                if any(p.requires_grad for p in module.parameters(recurse=False)):
+                if any(True for _ in module.parameters(recurse=False)):
                     self._owners.append((name, module, AttentionInProjectionRule()))
             elif isinstance(module, ATOMIC_MODULES):
                 # its children's weights are used functionally, never by calling the children
-                atomic_prefixes.append(f"{name}.")
-                if any(p.requires_grad for p in module.parameters()):
+                atomic_prefixes.append(f"{name}." if name else "")
+                if any(True for _ in module.parameters()):
                     self._owners.append((name, module, FunctorchFallback(recurse=True)))
-            elif any(p.requires_grad for p in module.parameters(recurse=False)):
-                if isinstance(module, nn.RNNBase):
+            elif any(True for _ in module.parameters(recurse=False)):
+                if isinstance(module, nn.RNNBase) and any(p.requires_grad for p in module.parameters()):
                     check_rnn(name, module)
                 rule = rule_for(module) or FunctorchFallback()
                 self._owners.append((name, module, rule))
-        # forward-pass generation -> module -> list of (captured, output grads), one per use
-        self._records: dict[int, dict[nn.Module, list]] = defaultdict(lambda: defaultdict(list))
+        self._owner_names = {id(module): name for name, module, _ in self._owners}
+        self._ancestor_axes = _transformer_axes(model, self._owners)
+        self._declared_axes: dict[str, int] = {}
+        self._proven_axes: dict[tuple[int, int], int] = {}  # (id(module), rank) -> batch axis
+        # generations with gradients, waiting to be clipped (index -> _Generation)
+        self._records: dict[int, _Generation] = {}
+        self._current: _Generation | None = None
         self._generation = 0
+        self._region: str | None = None  # "same" / "different" inside the declaring blocks
+        self._expected: int | None = None
         self._handles = []
         self._patched: list[nn.Module] = []
         self._silenced = False
+        # functional uses of a parameter (outside its module) are detected by comparing autograd's
+        # gradient of the parameter with what the engine saw (see _check_functional_uses)
+        self._bk_params: set[int] = set()  # parameters whose module's backward skips their gradient
+        self._autograd_sums: dict[int, torch.Tensor] = {}
+        self._engine_sums: dict[int, torch.Tensor] = {}
         self.summed_grads: dict[int, torch.Tensor] = {}
         # embedding weights whose clipped sum stays sparse (lazy noise): id -> [(rows, vectors)]
         self.sparse_params: set[int] = set()
@@ -128,6 +270,84 @@ class GradientEngine:
         self.dropped_examples = 0
         self.attach()
 
+    @property
+    def params(self) -> list[torch.Tensor]:
+        """The model's parameters that are trainable now (``requires_grad=True``)."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------ declarations
+    def expect_batch(self, n: int | None) -> None:
+        """Declare the number of examples in the next physical batch (``None``: unknown).
+
+        dpkit's data loader calls it right before yielding each batch. Every forward pass that
+        starts afterwards is matched to ``n``: each captured tensor must carry n examples on its
+        declared or provable batch axis (see the module docstring), so a time-major layer is
+        clipped per example, not per time step.
+
+        Raises:
+            ValueError/TypeError: ``n`` is not a non-negative integer or None.
+        """
+        if n is not None:
+            if isinstance(n, bool) or not isinstance(n, int):
+                raise TypeError(f"n must be an int or None; got {type(n).__name__}")
+            if n < 0:
+                raise ValueError(f"n must be >= 0; got {n}")
+        self._expected = n
+
+    def set_batch_axis(self, module_name: str, axis: int) -> None:
+        """Declare that the batch is on ``axis`` of the tensors of module ``module_name``.
+
+        Needed only where dpkit refuses a step as ambiguous (a position-wise layer with several
+        axes of the batch's size and no earlier batch proving which one holds the examples).
+
+        Raises:
+            ValueError: unknown module name or negative axis.
+        """
+        names = {name for name, _, _ in self._owners}
+        if module_name not in names:
+            raise ValueError(f"module_name must name a module with parameters; got {module_name!r} "
+                             f"(known: {sorted(names)})")
+        if isinstance(axis, bool) or not isinstance(axis, int) or axis < 0:
+            raise ValueError(f"axis must be a non-negative int; got {axis!r}")
+        self._declared_axes[module_name] = axis
+
+    @contextlib.contextmanager
+    def same_examples(self):
+        """Context manager: the forward passes inside are views of the SAME examples.
+
+        They form one generation: each example's gradient is the sum of its gradients through
+        all the passes, clipped once (exact in both engines: the book-keeping pairs of the passes
+        are concatenated, so the ghost norm keeps the cross terms between passes). For multi-view
+        losses (consistency regularisation, R-Drop, two-view contrastive losses); every pass must
+        carry the same number of examples in the same order. Leave the block before ``step()``.
+        """
+        self._enter("same")
+        self._flush()
+        self._new_generation()
+        try:
+            yield self
+        finally:
+            self._region = None
+            self._current = None
+
+    @contextlib.contextmanager
+    def different_examples(self):
+        """Context manager: each forward pass inside carries DIFFERENT examples (each pass is
+        clipped as its own set of examples, even when several reach the same backward pass)."""
+        self._enter("different")
+        try:
+            yield self
+        finally:
+            self._region = None
+            self._current = None
+
+    def _enter(self, kind: str) -> None:
+        if self._region is not None:
+            raise RuntimeError(f"same_examples()/different_examples() blocks cannot be nested "
+                               f"(already inside a {self._region}_examples() block)")
+        self._region = kind
+        self._current = None
+
     # ------------------------------------------------------------------ hooks
     def attach(self) -> None:
         """Install the hooks (done at construction)."""
@@ -135,28 +355,46 @@ class GradientEngine:
             return
         for name, module, rule in self._owners:
             if isinstance(rule, AttentionInProjectionRule):
-                module.forward = make_bk_attention_forward(module, self._attention_capture(module))
-                self._patched.append(module)
+                fn = make_bk_attention_forward(module, self._attention_capture(module))
+                self._install_forward(module, fn)
             elif self.mode == "bk" and supports_bk_forward(module):
                 self._patch_forward(module, rule)
             else:
                 self._handles.append(module.register_forward_hook(self._forward_hook(module, rule),
                                                                   with_kwargs=True))
+        for name, module, rule in self._owners:
+            if module in self._patched:
+                self._bk_params.update(id(p) for p in module.parameters(recurse=False))
+        for p in self.params:
+            self._handles.append(p.register_hook(self._param_hook(id(p))))
         self._handles.append(self.model.register_forward_pre_hook(self._before_model_forward))
+
+    def _install_forward(self, module, fn) -> None:
+        module.forward = _EngineForward(module, fn)
+        self._patched.append(module)
 
     def _patch_forward(self, module, rule):
         """BK: this layer's backward returns only the input gradient (see bk_forward)."""
         original = module.forward
 
         def forward(x):
-            if not self._capturing():
+            if not self._capturing() or not _any_trainable(module, False):
                 return original(x)
-            record = (rule.capture(module, (x,), None), [None])
+            record = _Record(rule.capture(module, (x,), None), 1)
             self._record(module, record)
-            return bk_apply(module, x, record)
+            return self._broadcast(module, bk_apply(module, x, record))
 
-        module.forward = forward
-        self._patched.append(module)
+        self._install_forward(module, forward)
+
+    def _broadcast(self, module, out):
+        """Batch-broadcast input (e.g. position ids of shape (1, T)): with n declared, expand the
+        output (a view) to n rows, so each example's output gradient arrives separately."""
+        n = self._current.n if self._current is not None else None
+        if n is None or n <= 1 or type(module) is not nn.Embedding or out.dim() < 2 or out.shape[0] != 1:
+            return out
+        if any(s == n for s in out.shape[:-1]):
+            return out  # the batch is elsewhere (time-major): nothing broadcast
+        return out.expand(n, *out.shape[1:])
 
     def _record(self, module, record) -> None:
         """File a use of ``module`` under the current forward pass (generation).
@@ -164,18 +402,32 @@ class GradientEngine:
         A module whose earlier use in this generation already received its output gradient is
         being run on a NEW batch (e.g. a training loop that calls sub-modules directly, so the
         model's pre-hook never fires): start a new generation rather than merge two batches'
-        examples (merged examples could cancel each other and escape clipping).
+        examples (merged examples could cancel each other and escape clipping) — except inside
+        :meth:`same_examples`, where merging is what was declared.
         """
-        uses = self._records[self._generation].get(module)
-        if uses and any(g is not None for g in uses[-1][1]):
-            self._generation += 1
-        self._records[self._generation][module].append(record)
+        gen = self._current
+        if gen is None:
+            gen = self._new_generation()
+        elif self._region != "same":
+            uses = gen.uses.get(module)
+            last = uses[-1]() if uses else None
+            if last is not None and last.has_grad:
+                gen = self._new_generation()
+        record.gen, record.module = gen, module
+        gen.uses.setdefault(module, []).append(weakref.ref(record))
+
+    def _new_generation(self) -> _Generation:
+        self._generation += 1
+        # passes declared as different examples may split one loader batch: n is not theirs
+        n = None if self._region == "different" else self._expected
+        self._current = _Generation(self._generation, self._region, n, self._records)
+        return self._current
 
     def _attention_capture(self, module):
         def capture(inputs):
-            if not self._capturing():
+            if not self._capturing() or not _any_trainable(module, False):
                 return None
-            record = (inputs, [None, None, None])
+            record = _Record(inputs, 3)
             self._record(module, record)
             return record
         return capture
@@ -188,36 +440,46 @@ class GradientEngine:
         for module in self._patched:
             del module.forward  # back to the class's forward
         self._patched.clear()
+        self._bk_params.clear()
         self._records.clear()
+        self._current = None
 
     def _capturing(self) -> bool:
-        return self.model.training and torch.is_grad_enabled() and not self._silenced
+        # autograd decides, not module.training: eval-mode training (dropout off) must be clipped
+        return torch.is_grad_enabled() and not self._silenced
 
     def _before_model_forward(self, module, args):
-        # a new forward pass is a new set of examples: never merge its records with earlier ones;
-        # clip the finished ones now so that their activations are freed (gradient accumulation)
-        if self._capturing():
-            done = [gen for gen, recs in self._records.items()
-                    if any(g is not None for uses in recs.values() for _, grads in uses for g in grads)]
-            for gen in sorted(done):
-                self._accumulate_generation(self._records.pop(gen))
-            self._generation += 1
+        if module is not self.model or not self._capturing() or self._region == "same":
+            return  # a deep copy of the model, no_grad, or one generation for the whole block
+        # clip the finished generations now so that their activations are freed (gradient
+        # accumulation), then open a new generation for this pass
+        self._flush()
+        self._new_generation()
 
     def _forward_hook(self, module, rule):
+        recurse = isinstance(rule, FunctorchFallback) and rule.recurse
+
         def hook(mod, args, kwargs, output):
-            if not self._capturing():
-                return
+            if mod is not module or not self._capturing() or not _any_trainable(mod, recurse):
+                return  # a deep copy, no_grad, or a frozen layer
             if isinstance(rule, FunctorchFallback):
                 captured = rule.capture(mod, args, kwargs)
+            elif isinstance(rule, EmbeddingBagRule):  # offsets / per_sample_weights may be keywords
+                names = ("input", "offsets", "per_sample_weights")
+                args = args + tuple(kwargs.get(k) for k in names[len(args):])
+                captured = rule.capture(mod, args, output)
             else:
                 captured = rule.capture(mod, args, output)
-            leaves, _ = tree_flatten(output)
-            leaves = [t if isinstance(t, torch.Tensor) else None for t in leaves]
-            record = (captured, [None] * len(leaves))
+            record = _Record(captured, 0)
             self._record(mod, record)
+            if isinstance(output, torch.Tensor):
+                output = self._broadcast(mod, output)
+            leaves, _ = tree_flatten(output)
+            record[1] = _Slots(len(leaves), record)
             for i, t in enumerate(leaves):
-                if t is not None and t.requires_grad:
+                if isinstance(t, torch.Tensor) and t.requires_grad:
                     t.register_hook(self._grad_hook(record, i))
+            return output
         return hook
 
     @staticmethod
@@ -227,48 +489,94 @@ class GradientEngine:
             slot[index] = grad.detach() if slot[index] is None else slot[index] + grad.detach()
         return hook
 
+    def _param_hook(self, pid):
+        def hook(grad):
+            if self._silenced or grad is None or pid in self.sparse_params:
+                return  # lazy embedding tables: compared elsewhere, never densified
+            g = grad.detach()
+            g = g.to_dense() if g.is_sparse else g
+            prev = self._autograd_sums.get(pid)
+            # never keep autograd's own tensor: AccumulateGrad may later add into it in place
+            self._autograd_sums[pid] = g.clone() if prev is None else prev + g
+        return hook
+
     # ------------------------------------------------------------- clipping
     def accumulate(self) -> int:
         """Clip the per-example gradients captured since the last call and add their sum.
 
-        Each forward pass of the model is a separate set of examples (gradient accumulation);
-        several uses of a layer within one forward pass belong to the same examples.
+        Generations (forward passes) whose gradients arrived in different backward passes are
+        separate sets of examples; see the module docstring for passes sharing a backward.
         Returns the number of examples processed (0 for an empty batch or nothing captured).
-        """
-        generations = sorted(self._records)
-        records = [self._records.pop(gen) for gen in generations]
-        return sum(self._accumulate_generation(r) for r in records)
 
-    def _accumulate_generation(self, records) -> int:
+        Raises:
+            AmbiguousStepError: undeclared forward passes shared a backward pass, or a layer's
+                batch axis cannot be determined.
+            RuntimeError: a parameter's gradient reached it outside its module (functional use).
+        """
+        if self._region == "same":
+            raise RuntimeError("accumulate()/optimizer.step() was called inside a same_examples() block; "
+                               "leave the block first (all passes of the block form ONE set of examples)")
+        seen = self._flush()
+        self._current = None
+        self._check_functional_uses()
+        return seen
+
+    def _flush(self) -> int:
+        """Clip every generation that received gradients (except an open same_examples block)."""
+        ready = sorted(i for i in self._records
+                       if not (self._region == "same" and self._current is not None and i == self._current.index))
+        gens = [self._records.pop(i) for i in ready]
+        try:
+            self._check_unambiguous(gens)
+            return sum(self._accumulate_generation(gen) for gen in gens)
+        finally:
+            for gen in gens:
+                gen.release()
+
+    @staticmethod
+    def _check_unambiguous(gens) -> None:
+        passes = defaultdict(list)
+        for gen in gens:
+            for task in gen.backwards:
+                passes[task].append(gen)
+        for shared in passes.values():
+            if len(shared) > 1 and any(gen.kind != "different" for gen in shared):
+                raise AmbiguousStepError(
+                    f"{len(shared)} forward passes of the model reached the same backward pass; dpkit "
+                    "cannot tell whether they carry the same examples or different ones, and guessing "
+                    f"wrong breaks the privacy guarantee. Declare it: {_MULTI_PASS_FIX}.")
+
+    def _accumulate_generation(self, gen: _Generation) -> int:
+        uses = [(name, module, rule, captured, grads)
+                for name, module, rule in self._owners
+                for captured, grads in gen.done.get(module, [])
+                if any(g is not None for g in grads)]
+        if not uses:
+            return 0
+        n, convention = (gen.n, False) if gen.n is not None else self._inferred_batch(uses)
         contributions: dict[int, list] = defaultdict(list)
-        batch_size = None
-        for name, module, rule in self._owners:
-            for captured, grads in records.get(module, []):
-                if all(g is None for g in grads):
-                    continue  # output did not reach the loss: zero gradient for these uses
-                B = self._batch_size(module, rule, grads)
-                if B == 0:
-                    batch_size = 0
-                    continue  # empty Poisson batch: nothing to clip (noise is still added)
-                if batch_size is None:
-                    batch_size = B
-                elif B != batch_size:
-                    raise RuntimeError(
-                        f"module {name!r} saw a batch of {B} examples but others saw {batch_size}; "
-                        "dpkit needs the batch on axis 0 of every layer's input (batch_first)")
-                for p, contrib in self._contributions(name, module, rule, captured, grads):
-                    contributions[id(p)].append(contrib)
-        if batch_size is None or batch_size == 0:
+        for name, module, rule, captured, grads in uses:
+            captured, grads = self._batch_first(name, module, rule, captured, grads, n,
+                                                gen.n is not None, convention)
+            if n == 0:
+                continue  # empty Poisson batch: nothing to clip (noise is still added)
+            for p, contrib in self._contributions(name, module, rule, captured, grads):
+                contributions[id(p)].append(contrib)
+        if n == 0 or not contributions:
             return 0
         merged = {pid: combine(parts) for pid, parts in contributions.items()}
         if self.mode == "per_sample":
             merged = {pid: c if isinstance(c, ExplicitGrad) or pid in self.sparse_params
                       else ExplicitGrad(c.instantiate())
                       for pid, c in merged.items()}
+        ones = torch.ones(n, device=next(g for g in uses[0][4] if g is not None).device)
+        for pid, contrib in merged.items():  # what autograd also computed (functional-use check)
+            if pid not in self._bk_params and pid not in self.sparse_params:
+                _add_into(self._engine_sums, pid, contrib.clipped_sum(ones))
         # a mean loss scales every per-example gradient by 1/B: the contributions stay unscaled
         # (no copy of the output gradients); the scale enters the norms and the factors instead
-        scale = float(batch_size) if self.loss_reduction == "mean" else 1.0
-        factors = self._clip_factors(merged, batch_size, scale)
+        scale = float(n) if self.loss_reduction == "mean" else 1.0
+        factors = self._clip_factors(merged, n, scale)
         for pid, contrib in merged.items():
             if pid in self.sparse_params:
                 self.sparse_sums.setdefault(pid, []).append(
@@ -278,15 +586,85 @@ class GradientEngine:
             _add_into(self.summed_grads, pid, s)
             if self.track_unclipped:
                 _add_into(self.unclipped_grads, pid, contrib.clipped_sum(torch.full_like(factors[pid], scale)))
-        self.examples_seen += batch_size
-        return batch_size
+        self.examples_seen += n
+        return n
 
-    @staticmethod
-    def _batch_size(module, rule, grads):
-        i, g = next((i, g) for i, g in enumerate(grads) if g is not None)
+    # ------------------------------------------------------------ batch axis
+    def _fixed_axis(self, name, module, rule, grads) -> int | None:
+        """The batch axis fixed by the layer's API or a declaration; None for position-wise layers
+        (any leading axis may hold the batch)."""
+        if isinstance(rule, FunctorchFallback):  # the module's own batch_first
+            i = next(i for i, g in enumerate(grads) if g is not None)
+            return output_axes(module, len(grads))[i]
+        if name in self._declared_axes:
+            return self._declared_axes[name]
+        if type(rule) in _POSITIONWISE:
+            return self._ancestor_axes.get(name)
+        return 0
+
+    def _inferred_batch(self, uses) -> tuple[int, bool]:
+        """Undeclared batch size: the first use whose batch axis is fixed, else axis 0 of the first
+        use; the flag says that n was read on axis 0 (the batch-first convention), not on a
+        time-major layer's axis."""
+        for name, module, rule, _, grads in uses:
+            axis = self._fixed_axis(name, module, rule, grads)
+            if axis is not None:
+                g = next(g for g in grads if g is not None)
+                return g.shape[axis], axis == 0
+        return next(g for g in uses[0][4] if g is not None).shape[0], True
+
+    def _batch_first(self, name, module, rule, captured, grads, n, declared, convention):
+        """Match the use to n examples and move its batch axis to 0 (position-wise layers).
+
+        ``convention``: n was inferred from axis 0 (no declaration, no fixed-axis layer), so axis 0
+        is what the inference already assumed and another axis of size n adds no ambiguity.
+
+        Raises:
+            RuntimeError: no axis of size n.
+            AmbiguousStepError: several axes of size n and nothing proves which one.
+        """
+        g = next(g for g in grads if g is not None)
+        source = f"expect_batch({n})" if declared else f"the other layers ({n} examples)"
+        fixed = self._fixed_axis(name, module, rule, grads)
+        if fixed is not None:
+            if g.dim() <= fixed or g.shape[fixed] != n:
+                raise RuntimeError(
+                    f"module {name!r} saw tensors of shape {tuple(g.shape)}, with no batch of {n} "
+                    f"examples on its batch axis {fixed}, but {source} says {n}; dpkit needs every "
+                    "layer's batch on the axis its API fixes (batch_first for RNN/attention/"
+                    "Transformer layers, axis 0 otherwise), or declare it with "
+                    "engine.set_batch_axis(name, axis)")
+            axis = fixed
+        else:
+            k = g.dim() - _POSITIONWISE[type(rule)](module)
+            matches = [ax for ax in range(k) if g.shape[ax] == n]
+            if len(matches) == 1 or (matches and n <= 1):
+                axis = matches[0]
+                self._proven_axes[(id(module), g.dim())] = axis
+            elif not matches:
+                raise RuntimeError(
+                    f"module {name!r} saw tensors of shape {tuple(g.shape)} with no axis of "
+                    f"{n} examples, but {source} says {n}; every layer must see the whole batch")
+            elif self._proven_axes.get((id(module), g.dim())) in matches:
+                axis = self._proven_axes[(id(module), g.dim())]
+            elif convention and matches[0] == 0:
+                axis = 0
+            else:
+                raise AmbiguousStepError(
+                    f"module {name!r} saw tensors of shape {tuple(g.shape)}: axes {matches} all have "
+                    f"the batch's size {n}, and no earlier batch proved which one holds the examples "
+                    "(e.g. a time-major (T, B, d) input with T == B). Guessing would clip per time "
+                    f"step instead of per example. Declare it: engine.set_batch_axis({name!r}, axis) "
+                    "(optimizer.engine for a DPOptimizer), or use batches whose size differs from "
+                    "the other axes.")
         if isinstance(rule, FunctorchFallback):
-            return g.shape[output_axes(module, len(grads))[i]]
-        return g.shape[0]
+            return captured, grads
+        if axis != 0:
+            return captured.movedim(axis, 0), [t if t is None else t.movedim(axis, 0) for t in grads]
+        if type(rule) is EmbeddingRule and captured.shape[0] == 1 and g.shape[0] != 1:
+            # ids broadcast over the batch (see _broadcast): every example looked up the same rows
+            captured = captured.expand(g.shape[0], *captured.shape[1:])
+        return captured, grads
 
     def _contributions(self, name, module, rule, captured, grads):
         """Yield (parameter, contribution) for each trainable direct parameter of ``module``."""
@@ -295,7 +673,7 @@ class GradientEngine:
             self._silenced = True  # children called inside functional_call must not record
             try:
                 with torch.enable_grad():
-                    per_sample = rule.per_sample_grads(module, captured, grads, self._batch_size(module, rule, grads))
+                    per_sample = rule.per_sample_grads(module, captured, grads, _fallback_batch(module, grads))
             finally:
                 self._silenced = False
             self.paths[name] = "functorch"
@@ -351,6 +729,7 @@ class GradientEngine:
                 total = total + n
             groups = {None: (total, self.max_grad_norm)}
         else:
+            # P counted now: a tensor unfrozen after construction must not raise the total above C
             per_tensor = self.max_grad_norm / math.sqrt(len(self.params))
             groups = {pid: (n, per_tensor) for pid, n in norms_sq.items()}
         factors = {}
@@ -380,6 +759,9 @@ class GradientEngine:
         self.sparse_sums.clear()
         self.unclipped_grads.clear()
         self._records.clear()
+        self._current = None
+        self._autograd_sums.clear()
+        self._engine_sums.clear()
         self.examples_seen = 0
 
     def clipped_sum(self, p: torch.Tensor) -> torch.Tensor:
@@ -409,6 +791,41 @@ class GradientEngine:
     def parameter_name(self, p: torch.Tensor) -> str:
         return self._names.get(id(p), "<unnamed>")
 
+    def _check_functional_uses(self) -> None:
+        """Refuse a parameter whose autograd gradient disagrees with what its module's hooks saw.
+
+        A weight used by its module AND functionally (``logits = x @ wte.weight.T``) gets autograd
+        gradient from the functional use that no hook captured: training on the engine's sum would
+        silently drop it, adding it would leave it unclipped. Book-keeping layers compute no weight
+        gradient of their own, so ANY autograd gradient there is a functional use; for hooked
+        layers autograd's sum must equal the engine's unclipped sum (relative tolerance: 1e-4, 2e-2
+        for low-precision gradients).
+        """
+        autograd, engine = self._autograd_sums, self._engine_sums
+        try:
+            for pid, got in autograd.items():
+                if pid in self.sparse_params and pid not in self._bk_params:
+                    continue
+                if pid in self._bk_params:
+                    bad = bool(got.ne(0).any())
+                else:
+                    seen = engine.get(pid)
+                    seen = torch.zeros_like(got) if seen is None else seen.to(got)
+                    rtol = 2e-2 if got.dtype in (torch.float16, torch.bfloat16) else 1e-4
+                    scale = max(float(got.norm()), float(seen.norm()))
+                    bad = float((got - seen).norm()) > rtol * scale + 1e-12
+                if bad:
+                    name = self._names.get(pid, "<unnamed>")
+                    raise RuntimeError(
+                        f"parameter {name!r} received gradient from a use outside its module (e.g. "
+                        f"functionally, logits = x @ {name}.T); dpkit's hooks cannot clip that use per "
+                        "example. Call a module instead, e.g. tie a linear layer to it: "
+                        f"head = nn.Linear(d, V, bias=False); head.weight = <module>.weight "
+                        f"(the same Parameter as {name!r}), and use head(x).")
+        finally:
+            autograd.clear()
+            engine.clear()
+
 
 def _clipped_rows(contrib, factors: torch.Tensor, name: str):
     if not isinstance(contrib, EmbeddingRowGrad):
@@ -422,6 +839,47 @@ def _add_into(sums: dict, key, value: torch.Tensor) -> None:
         sums[key].add_(value)
     else:
         sums[key] = value
+
+
+def _fallback_batch(module, grads) -> int:
+    i, g = next((i, g) for i, g in enumerate(grads) if g is not None)
+    return g.shape[output_axes(module, len(grads))[i]]
+
+
+def _any_trainable(module: nn.Module, recurse: bool) -> bool:
+    return any(p.requires_grad for p in module.parameters(recurse=recurse))
+
+
+def _transformer_axes(model: nn.Module, owners) -> dict[str, int]:
+    """Batch axis of position-wise layers called by an ``nn.Transformer*`` module (its
+    ``batch_first``); the nearest enclosing MultiheadAttention runs batch-first internally (see
+    dpkit.grad_sample.attention), so layers inside it keep axis 0."""
+    kinds = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention):
+            kinds[name] = 0
+        elif isinstance(module, _TRANSFORMERS):
+            kinds[name] = 0 if _batch_first(module) else 1
+    axes = {}
+    for name, _, _ in owners:
+        parts = name.split(".")
+        for cut in range(len(parts) - 1, 0, -1):  # nearest proper ancestor first
+            prefix = ".".join(parts[:cut])
+            if prefix in kinds:
+                axes[name] = kinds[prefix]
+                break
+        else:
+            if "" in kinds and name:
+                axes[name] = kinds[""]
+    return axes
+
+
+def _batch_first(module: nn.Module) -> bool:
+    if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+        return module.self_attn.batch_first
+    if isinstance(module, (nn.TransformerEncoder, nn.TransformerDecoder)):
+        return module.layers[0].self_attn.batch_first
+    return bool(getattr(module, "batch_first", False))
 
 
 def _ab(view):
