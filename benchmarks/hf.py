@@ -1,6 +1,7 @@
 """Hugging Face models: non-private PyTorch vs dpkit BK vs dpkit per-sample vs Opacus hooks/ghost.
 
     python benchmarks/hf.py [--models gpt2,bert,llama,vit,gpt2-lora] [--rounds 5] [--json] [--no-memory]
+                            [--json-out results.json]
 
 Random-init models (no download), 2 layers, width 256, batch 8: GPT-2 (vocab 8000, seq 64, LM
 head), a BERT-shaped encoder (sequence classification), a Llama-style decoder (grouped-query
@@ -13,6 +14,7 @@ run a model is reported with its error. Run with OMP_NUM_THREADS=1 for the house
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import warnings
 
@@ -142,6 +144,7 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--json-out", help="also write every model's rows to this JSON file")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
     import transformers
@@ -154,7 +157,10 @@ def main(argv=None):
         torch.manual_seed(0)
         times = H.time_configs(configs, model_fn, batch_fn(), loss_fn, rounds=args.rounds)
         memory = {} if args.no_memory else {c: H.peak_memory_child("hf", c, name) for c in times}
-        results[name] = H.report(title, times, memory, json_out=args.json)
+        results[name] = {"model": title, "rows": H.report(title, times, memory, json_out=args.json)}
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump({"machine": H.machine(), "models": results}, f, indent=1)
     return results
 
 
