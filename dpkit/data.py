@@ -34,7 +34,7 @@ from dpkit.mechanisms.randomness import (
 )
 
 
-class _KeyedBatchSampler(Sampler):
+class KeyedBatchSampler(Sampler):
     """Base of dpkit's samplers: draw t is a pure function of (seed, stream, t).
 
     ``position`` counts the draws already handed out; iterating yields ``steps`` draws starting
@@ -97,7 +97,8 @@ class _KeyedBatchSampler(Sampler):
             yield self.batch(t)
 
     def _config(self) -> dict:
-        return {"kind": self.kind, "num_samples": self.num_samples, "stream": self.stream}
+        return {"kind": self.kind, "num_samples": self.num_samples, "stream": self.stream,
+                "steps": self.steps}
 
     def state_dict(self) -> dict:
         """Seed and position (the config is kept to refuse a checkpoint of another sampler)."""
@@ -121,14 +122,14 @@ class _KeyedBatchSampler(Sampler):
             self.seed = check_seed("seed", int(state["seed"]))
 
 
-class PoissonBatchSampler(_KeyedBatchSampler):
+class PoissonBatchSampler(KeyedBatchSampler):
     """Poisson sampling: yields ``steps`` index lists, each example kept with probability q.
 
     Args:
         num_samples: dataset size N.
         sample_rate: q ∈ (0, 1].
         steps: batches per pass; default ceil(1/q) (one expected epoch).
-        generator, seed, secure_mode, stream: see :class:`_KeyedBatchSampler` (default seed: OS
+        generator, seed, secure_mode, stream: see :class:`KeyedBatchSampler` (default seed: OS
             entropy).
     """
 
@@ -151,7 +152,7 @@ class PoissonBatchSampler(_KeyedBatchSampler):
         return {**super()._config(), "sample_rate": self.sample_rate}
 
 
-class FixedSizeBatchSampler(_KeyedBatchSampler):
+class FixedSizeBatchSampler(KeyedBatchSampler):
     """Uniform sampling of exactly ``batch_size`` distinct examples per step, fresh each step."""
 
     kind = "fixed_size"
@@ -209,16 +210,17 @@ class DPDataLoader:
 
     Args:
         dataset: a map-style dataset.
-        batch_sampler: :class:`PoissonBatchSampler` or :class:`FixedSizeBatchSampler`.
+        batch_sampler: a :class:`KeyedBatchSampler` (:class:`PoissonBatchSampler`,
+            :class:`FixedSizeBatchSampler`, or the matrix mechanisms' ``CyclicPoissonSampler``).
         max_physical_batch_size: split each logical batch into chunks of at most this many examples.
         collate_fn, num_workers, pin_memory: passed to the underlying ``torch.utils.data.DataLoader``.
     """
 
     def __init__(self, dataset: Dataset, batch_sampler, *, max_physical_batch_size: int | None = None,
                  collate_fn=None, num_workers: int = 0, pin_memory: bool = False):
-        if not isinstance(batch_sampler, (PoissonBatchSampler, FixedSizeBatchSampler)):
-            raise TypeError("batch_sampler must be a PoissonBatchSampler or FixedSizeBatchSampler; "
-                            f"got {type(batch_sampler).__name__}")
+        if not isinstance(batch_sampler, KeyedBatchSampler):
+            raise TypeError("batch_sampler must be a dpkit sampler (PoissonBatchSampler, FixedSizeBatchSampler, "
+                            f"CyclicPoissonSampler); got {type(batch_sampler).__name__}")
         self.dataset = dataset
         self.batch_sampler = batch_sampler
         self.max_physical_batch_size = (None if max_physical_batch_size is None else
@@ -231,11 +233,12 @@ class DPDataLoader:
     @property
     def sample_rate(self) -> float:
         s = self.batch_sampler
-        return s.sample_rate if isinstance(s, PoissonBatchSampler) else s.batch_size / s.num_samples
+        return s.batch_size / s.num_samples if isinstance(s, FixedSizeBatchSampler) else s.sample_rate
 
     @property
     def poisson(self) -> bool:
-        return isinstance(self.batch_sampler, PoissonBatchSampler)
+        """Each example is drawn independently (Poisson, possibly cyclic), not a fixed-size batch."""
+        return not isinstance(self.batch_sampler, FixedSizeBatchSampler)
 
     def attach_optimizer(self, optimizer) -> None:
         """Report batches to ``optimizer`` and let it checkpoint this loader (done by make_private)."""
@@ -243,7 +246,7 @@ class DPDataLoader:
         optimizer.attach_loader(self)
 
     def state_dict(self) -> dict:
-        """The sampler's seed and the number of draws consumed (see :class:`_KeyedBatchSampler`)."""
+        """The sampler's seed and the number of draws consumed (see :class:`KeyedBatchSampler`)."""
         return self.batch_sampler.state_dict()
 
     def load_state_dict(self, state: dict) -> None:

@@ -34,7 +34,10 @@ from dpkit.accountants.registry import fresh_accountant
 from dpkit.data import DPDataLoader, FixedSizeBatchSampler, PoissonBatchSampler
 from dpkit.errors import PrivacyBudgetExceeded
 from dpkit.grad_sample.engine import GradientEngine
-from dpkit.mechanisms.noise import NoiseMechanism
+from dpkit.mechanisms.matrix.participation import CyclicPoissonSampler
+from dpkit.mechanisms.matrix.plan import matrix_accountant
+from dpkit.mechanisms.matrix.streaming import CorrelatedNoise
+from dpkit.mechanisms.noise import GaussianNoise, NoiseMechanism
 from dpkit.mechanisms.randomness import broadcast_seed, fresh_seed, seed_from_generator
 from dpkit.optim.dp_optimizer import DPOptimizer
 
@@ -110,11 +113,19 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
         raise TypeError(f"generator must be a torch.Generator or None; got {type(generator).__name__}")
     max_grad_norm = _validate.positive("max_grad_norm", max_grad_norm)
 
-    dataset_size, batch_size, q = _sampling(data_loader, sample_rate, expected_batch_size)
+    cyclic = _cyclic_sampler(data_loader)
+    if cyclic is not None:
+        dataset_size, batch_size, q = _cyclic_sampling(data_loader, cyclic, sample_rate, expected_batch_size)
+    else:
+        dataset_size, batch_size, q = _sampling(data_loader, sample_rate, expected_batch_size)
+    if target_epsilon is not None and (cyclic is not None or isinstance(noise, CorrelatedNoise)):
+        raise ValueError("target_epsilon calibration is not available with correlated noise; give "
+                         "noise_multiplier and read the MMCC / amplified-BandMF ε from optimizer.epsilon")
     if not poisson_sampling and data_loader is None:
         raise ValueError("poisson_sampling=False needs a data_loader (dpkit must own the sampler)")
     if not poisson_sampling and not float(batch_size).is_integer():
         raise ValueError(f"fixed-size sampling needs an integer batch size; got {batch_size}")
+    requested_accountant = accountant
     accountant = _accountant(accountant, poisson_sampling)
 
     planned_steps = _planned_steps(epochs, steps, dataset_size, batch_size, data_loader)
@@ -133,6 +144,19 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
                                                       accountant=accountant)
     noise_multiplier = _validate.non_negative("noise_multiplier", noise_multiplier)
 
+    if cyclic is not None or isinstance(noise, CorrelatedNoise):
+        if not poisson_sampling:
+            raise ValueError("correlated noise is accounted for Poisson or cyclic Poisson sampling only; "
+                             "got poisson_sampling=False")
+        if not isinstance(noise, CorrelatedNoise):
+            raise ValueError("a CyclicPoissonSampler loader is for correlated noise (amplified BandMF): "
+                             "pass noise=CorrelatedNoise(banded(n, bands)) with bands <= its num_groups")
+        accountant = matrix_accountant(noise, requested_accountant, noise_multiplier=noise_multiplier, sampling_prob=q,
+                                       sampler=cyclic if cyclic is not None else "poisson")
+    elif noise is not None and not isinstance(noise, GaussianNoise):
+        raise ValueError(f"make_private cannot account noise of type {type(noise).__name__}: give a "
+                         "dpkit CorrelatedNoise (accounted by MMCC / amplified BandMF) or build the "
+                         "DPOptimizer and its accountant yourself")
     if poisson_sampling:
         step_event = dpsgd_event(noise_multiplier, q, 1)
     else:
@@ -160,9 +184,16 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
 
     dp_loader = None
     if data_loader is not None:
-        dp_loader = _build_loader(data_loader, dataset_size, batch_size, q, poisson_sampling,
-                                  generator=generator, secure_mode=secure_mode, distributed=distributed,
-                                  max_physical_batch_size=max_physical_batch_size)
+        if cyclic is not None:
+            if distributed:
+                raise ValueError("distributed=True does not support CyclicPoissonSampler")
+            dp_loader = DPDataLoader(data_loader.dataset, cyclic, max_physical_batch_size=max_physical_batch_size,
+                                     collate_fn=data_loader.collate_fn, num_workers=data_loader.num_workers,
+                                     pin_memory=data_loader.pin_memory)
+        else:
+            dp_loader = _build_loader(data_loader, dataset_size, batch_size, q, poisson_sampling,
+                                      generator=generator, secure_mode=secure_mode, distributed=distributed,
+                                      max_physical_batch_size=max_physical_batch_size)
         dp_loader.attach_optimizer(dp_optimizer)
     return model, dp_optimizer, dp_loader
 
@@ -195,6 +226,25 @@ def _build_loader(data_loader, dataset_size, batch_size, q, poisson_sampling, *,
     return DPDataLoader(dataset, batch_sampler, max_physical_batch_size=max_physical_batch_size,
                         collate_fn=data_loader.collate_fn, num_workers=data_loader.num_workers,
                         pin_memory=data_loader.pin_memory)
+
+
+def _cyclic_sampler(data_loader):
+    """The loader's CyclicPoissonSampler, kept as the run's sampler (amplified BandMF), or None."""
+    if isinstance(data_loader, DataLoader) and isinstance(data_loader.batch_sampler, CyclicPoissonSampler):
+        return data_loader.batch_sampler
+    return None
+
+
+def _cyclic_sampling(data_loader, sampler, sample_rate, expected_batch_size):
+    """(N, public expected batch size q·N/b, q within the group) of a cyclic Poisson loader."""
+    if sample_rate is not None or expected_batch_size is not None:
+        raise ValueError("sample_rate and expected_batch_size are derived from the CyclicPoissonSampler; "
+                         "do not give them")
+    n = len(data_loader.dataset)
+    if n != sampler.num_samples:
+        raise ValueError(f"CyclicPoissonSampler was built for {sampler.num_samples} examples; the dataset "
+                         f"has {n}")
+    return n, sampler.sampling_prob * n / sampler.num_groups, sampler.sampling_prob
 
 
 def _sampling(data_loader, sample_rate, expected_batch_size):

@@ -7,8 +7,7 @@ from torch import nn
 
 import dpkit
 from dpkit.accountants import dpsgd_event
-from dpkit.accountants.mmcc import MatrixMechanismAccountant
-from dpkit.mechanisms.matrix import CorrelatedNoise, banded, binary_tree, prefix_sum
+from dpkit.mechanisms.matrix import CorrelatedNoise, Participation, banded, binary_tree, prefix_sum
 from dpkit.mechanisms.matrix.streaming import dense_noise_matrix
 
 
@@ -19,12 +18,11 @@ def test_zero_gradients_give_prefix_sums_of_correlated_noise(strategy):
     theta0 = model.weight.detach().clone()
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     sigma, clip, batch = 0.7, 2.0, 4.0
-    noise = CorrelatedNoise(strategy, seed=9)
-    acc = MatrixMechanismAccountant(np.eye(12), noise_multiplier=sigma, sampling_prob=0.5,
-                                    method="unamplified")
+    # Poisson sampling (data_loader=None) lets an example take part in every step
+    noise = CorrelatedNoise(strategy, seed=9, participation=Participation.min_separation(1, 12))
     model, opt, _ = dpkit.make_private(model, opt, None, max_grad_norm=clip, noise_multiplier=sigma,
-                                       sample_rate=0.5, expected_batch_size=batch, noise=noise,
-                                       accountant=acc)
+                                       sample_rate=0.5, expected_batch_size=batch, noise=noise)
+    acc = opt.accountant
     x = torch.ones(2, 3, dtype=torch.float64)
     traj = []
     for _ in range(12):
