@@ -1,6 +1,7 @@
 """DPSGD-F preprocessing vs independent references (exact Gaussian laws, dp_accounting, digits)."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -9,13 +10,18 @@ from dp_accounting import dp_event as dpe
 from dp_accounting import pld as dp_pld
 from scipy import stats
 
+from dpkit.errors import SeededRandomnessWarning
 from dpkit.preprocessing import (
     DPSGDFClassifier,
+    _noisy_mean,
     FeaturePreprocessor,
     dpsgdf_train,
     private_mean,
     private_norm_bound,
 )
+
+# explicit seeds below are test conveniences (they warn; checked in the last test)
+pytestmark = pytest.mark.filterwarnings("ignore::dpkit.errors.SeededRandomnessWarning")
 
 
 def _shifted_cloud(n=400, d=4, offset=1000.0, seed=0):
@@ -33,7 +39,7 @@ def test_private_mean_error_is_the_predicted_gaussian_and_scales_with_diameter()
     mean = xt.mean(0)
     z, sq_err, sq_pred, naive_var, too_wide = [], [], [], [], 0
     for rep in range(120):
-        res = private_mean(x, norm_bound=R, noise_multiplier=sigma,
+        res = private_mean(x, norm_bound=R, noise_multiplier=sigma, dataset_size=n,
                            generator=torch.Generator().manual_seed(rep))
         dist = (xt - res.center).norm(dim=1)
         # the clipped target given the released (c0, r): the fine stage adds exactly N(0, (σ3 r/n)²)
@@ -84,7 +90,7 @@ def test_total_epsilon_is_the_composition_of_the_parts():
     y = (x[:, 0] > 50.0).astype(int)
     eps, delta, frac = 3.0, 1e-5, 0.25
     res = dpsgdf_train(x, y, target_epsilon=eps, target_delta=delta, feature_bound=200.0, epochs=2,
-                       batch_size=50, preprocessing_fraction=frac, seed=3)
+                       batch_size=50, preprocessing_fraction=frac, seed=3, dataset_size=300, classes=[0, 1])
     s_pre = res.preprocessing_noise_multiplier
     weights = (0.4, 0.1, 0.4, 0.1)
     pre = [dpe.GaussianDpEvent(s_pre / math.sqrt(w)) for w in weights]
@@ -101,7 +107,8 @@ def test_total_epsilon_is_the_composition_of_the_parts():
 
 def test_shifted_digits_dpsgdf_clearly_ahead_at_equal_epsilon():
     Xtr, Xte, ytr, yte = _digits_shifted()
-    kw = dict(epsilon=4.0, delta=1e-5, feature_bound=1000.0, epochs=3, batch_size=256, lr=2.0, random_state=1)
+    kw = dict(epsilon=4.0, delta=1e-5, feature_bound=1000.0, epochs=3, batch_size=256, lr=2.0, random_state=1,
+              classes=range(10), dataset_size=len(Xtr))
     f = DPSGDFClassifier(preprocess=True, **kw).fit(Xtr, ytr)
     b = DPSGDFClassifier(preprocess=False, **kw).fit(Xtr, ytr)
     assert f.epsilon_ <= 4.0 and b.epsilon_ <= 4.0
@@ -115,22 +122,26 @@ def test_linear_regression_task_learns():
     x = rng.normal(size=(800, 3))
     y = x @ np.array([1.0, -2.0, 0.5]) + 0.1 * rng.normal(size=800)
     res = dpsgdf_train(x + 30.0, y, task="linear", target_epsilon=8.0, target_delta=1e-5, feature_bound=100.0,
-                       epochs=4, batch_size=100, lr=0.5, seed=0)
+                       dataset_size=800, epochs=4, batch_size=100, lr=0.5, seed=0)
     with torch.no_grad():
         pred = res.model(res.transform(x + 30.0).float()).squeeze(1).numpy()
     assert np.mean((pred - y) ** 2) < 0.5 * np.var(y)
 
 
 @pytest.mark.parametrize("kwargs,exc,match", [
-    (dict(norm_bound=0.0, noise_multiplier=1.0), ValueError, "norm_bound"),
-    (dict(norm_bound=1.0, noise_multiplier=-1.0), ValueError, "noise_multiplier"),
-    (dict(norm_bound=1.0, noise_multiplier=1.0, generator=3), TypeError, "generator"),
-    (dict(norm_bound=1.0, noise_multiplier=1.0, weights=(1.0, 1.0)), ValueError, "weights"),
-    (dict(norm_bound=1.0, noise_multiplier=1.0, weights=(1.0, 0.0, 1.0)), ValueError, r"weights\[1\]"),
+    (dict(norm_bound=0.0), ValueError, "norm_bound"),
+    (dict(noise_multiplier=-1.0), ValueError, "noise_multiplier"),
+    (dict(generator=3), TypeError, "generator"),
+    (dict(weights=(1.0, 1.0)), ValueError, "weights"),
+    (dict(weights=(1.0, 0.0, 1.0)), ValueError, r"weights\[1\]"),
+    (dict(dataset_size=0), ValueError, "dataset_size"),
+    (dict(dataset_size=5.5), TypeError, "dataset_size"),
 ])
 def test_private_mean_invalid(kwargs, exc, match):
+    args = dict(norm_bound=1.0, noise_multiplier=1.0, dataset_size=5)
+    args.update(kwargs)
     with pytest.raises(exc, match=match):
-        private_mean(np.ones((5, 2)), **kwargs)
+        private_mean(np.ones((5, 2)), **args)
 
 
 @pytest.mark.parametrize("x,exc,match", [
@@ -140,14 +151,14 @@ def test_private_mean_invalid(kwargs, exc, match):
 ])
 def test_features_invalid(x, exc, match):
     with pytest.raises(exc, match=match):
-        private_mean(x, norm_bound=1.0, noise_multiplier=1.0)
+        private_mean(x, norm_bound=1.0, noise_multiplier=1.0, dataset_size=1)
 
 
 def test_norm_bound_and_preprocessor_invalid():
     with pytest.raises(ValueError, match="center"):
         private_norm_bound(np.ones((4, 3)), np.zeros(2), norm_bound=1.0, noise_multiplier=1.0)
     with pytest.raises(RuntimeError, match="not fitted"):
-        FeaturePreprocessor(norm_bound=1.0, noise_multiplier=1.0).transform(np.ones((2, 2)))
+        FeaturePreprocessor(norm_bound=1.0, noise_multiplier=1.0, dataset_size=2).transform(np.ones((2, 2)))
     with pytest.raises(RuntimeError, match="not fitted"):
         DPSGDFClassifier().predict(np.ones((2, 2)))
 
@@ -169,17 +180,147 @@ _Y = (np.arange(40) % 2)
     (dict(accountant="nope"), ValueError, "nope"),
     (dict(lr=0.0), ValueError, "lr"),
     (dict(seed=-1), ValueError, "seed"),
+    (dict(dataset_size=0), ValueError, "dataset_size"),
+    (dict(classes=None), ValueError, "classes must be declared"),
+    (dict(classes=[1]), ValueError, "at least 2 labels"),
+    (dict(classes=[0, 1, 1]), ValueError, "must not repeat"),
+    (dict(classes="01"), TypeError, "classes"),
+    (dict(task="linear"), ValueError, "classes must be None"),
 ])
 def test_dpsgdf_train_invalid(kwargs, exc, match):
-    base = dict(target_epsilon=1.0, target_delta=1e-5, feature_bound=5.0, epochs=1, batch_size=10)
+    base = dict(target_epsilon=1.0, target_delta=1e-5, feature_bound=5.0, epochs=1, batch_size=10,
+                dataset_size=40, classes=[0, 1])
     base.update(kwargs)
     with pytest.raises(exc, match=match):
         dpsgdf_train(_X, _Y, **base)
 
 
 def test_dpsgdf_train_label_checks():
-    base = dict(target_epsilon=1.0, target_delta=1e-5, feature_bound=5.0, epochs=1, batch_size=10)
+    base = dict(target_epsilon=1.0, target_delta=1e-5, feature_bound=5.0, epochs=1, batch_size=10,
+                dataset_size=40, classes=[0, 1])
     with pytest.raises(ValueError, match="y must have shape"):
         dpsgdf_train(_X, _Y[:-1], **base)
-    with pytest.raises(ValueError, match="2 classes"):
-        dpsgdf_train(_X, np.zeros(40, dtype=int), **base)
+    with pytest.raises(ValueError, match="1 label\\(s\\) outside the declared classes"):
+        dpsgdf_train(_X, np.where(np.arange(40) == 7, 5, _Y), **base)
+
+
+# ---------------------------------------------------------------- issue 13: labels, n, seeds
+
+def test_label_set_is_the_declared_one_not_the_labels_present():
+    """The output size and classes_ are public: a rare label present or absent changes nothing."""
+    y = (np.arange(40) % 2)
+    kw = dict(epsilon=2.0, feature_bound=5.0, epochs=1, batch_size=10, dataset_size=40)
+    with_rare = DPSGDFClassifier(classes=[0, 1, 2], **kw).fit(_X, np.where(np.arange(40) == 3, 2, y))
+    # string labels, the rare one absent: outputs follow the declared order
+    without = DPSGDFClassifier(classes=["dog", "cat", "owl"], **kw).fit(_X, np.array(["cat", "dog"])[y])
+    np.testing.assert_array_equal(with_rare.classes_, [0, 1, 2])
+    assert list(without.classes_) == ["dog", "cat", "owl"]
+    for clf in (with_rare, without):
+        assert clf.result_.model.out_features == 3
+        assert clf.predict_proba(_X).shape == (40, 3)
+        assert set(clf.predict(_X)) <= set(clf.classes_)
+    with pytest.raises(ValueError, match="classes must be declared"):
+        DPSGDFClassifier(**kw).fit(_X, y)
+    with pytest.raises(ValueError, match="dataset_size must be declared"):
+        DPSGDFClassifier(**dict(kw, dataset_size=None, classes=[0, 1])).fit(_X, y)
+    with pytest.raises(ValueError, match="outside the declared classes"):
+        DPSGDFClassifier(classes=[0, 2], **kw).fit(_X, y)
+
+
+def _coupled_stage_outputs(x, extra, *, seed, N, R=10.0, sigma=2.0):
+    """private_mean on D and on D ∪ {extra} with the SAME noise draws (same generator seed)."""
+    a = private_mean(x, norm_bound=R, noise_multiplier=sigma, dataset_size=N,
+                     generator=torch.Generator().manual_seed(seed))
+    b = private_mean(np.vstack([x, extra]), norm_bound=R, noise_multiplier=sigma, dataset_size=N,
+                     generator=torch.Generator().manual_seed(seed))
+    return a, b
+
+
+def test_released_means_move_by_the_sensitivity_the_ledger_assumes():
+    """Add/remove one record: with the noise held fixed, the coarse centre moves by exactly
+    clip(x*, R)/N and, given (c0, r), the fine mean by clip(x* − c0, r)/N — sensitivity R/N and r/N,
+    i.e. 1/σ_j noise standard deviations, which is what GaussianDpEvent(σ_j) in the ledger assumes.
+    (Dividing by the realised n instead moved the centre by ≈ 2R/n: twice as many deviations.)"""
+    rng = np.random.default_rng(5)
+    n, d, R, sigma = 200, 3, 10.0, 2.0
+    x = rng.normal(size=(n, d)) + np.array([6.0, 0.0, 0.0])  # mean far from 0: worst case
+    extra = np.array([[-R, 0.0, 0.0]])                       # ‖x*‖ = R, opposite to the mean
+    for N in (n, n + 1):  # the declared size need not equal the realised one
+        a, b = _coupled_stage_outputs(x, extra, seed=11, N=N, R=R, sigma=sigma)
+        shift = (b.center - a.center).numpy()
+        np.testing.assert_allclose(shift, extra[0] / N, rtol=0, atol=1e-12)
+        s1 = a.events[0].noise_multiplier
+        std1 = s1 * R / N                                   # the coarse noise std per coordinate
+        assert np.linalg.norm(shift) / std1 == pytest.approx(1.0 / s1, rel=1e-9)
+    # the fine stage runs the same noisy-mean mechanism on x_i − c0 with bound r: given (c0, r)
+    # (earlier releases, conditioned on by adaptive composition) it moves by clip(v*, r)/N
+    v = torch.tensor(x) - a.center
+    v_star = torch.tensor(extra) - a.center
+    fine_a = _noisy_mean(v, a.radius, 1.0, n, torch.Generator().manual_seed(2))
+    fine_b = _noisy_mean(torch.cat([v, v_star]), a.radius, 1.0, n, torch.Generator().manual_seed(2))
+    expected = v_star[0] * min(1.0, a.radius / float(v_star.norm())) / n
+    torch.testing.assert_close(fine_b - fine_a, expected, rtol=0, atol=1e-12)
+    assert float((fine_b - fine_a).norm()) == pytest.approx(a.radius / n, rel=1e-9)  # x* is clipped
+
+
+def test_coarse_noise_has_the_declared_standard_deviation():
+    """(c0 − Σ clip(x_i, R)/N)·N/R over 400 draws is N(0, σ1²) per coordinate (chi-square test)."""
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(50, 4))
+    R, N = 5.0, 60
+    clipped = torch.tensor(x) * torch.clamp(R / torch.tensor(x).norm(dim=1), max=1.0)[:, None]
+    z = []
+    for seed in range(400):
+        res = private_mean(x, norm_bound=R, noise_multiplier=1.5, dataset_size=N,
+                           generator=torch.Generator().manual_seed(seed))
+        z.append(((res.center - clipped.sum(0) / N) * N / (R * res.events[0].noise_multiplier)).numpy())
+    z = np.concatenate(z)
+    ss = float(np.sum(z ** 2))
+    assert stats.chi2.sf(ss, z.size) > 1e-4 and stats.chi2.cdf(ss, z.size) > 1e-4
+    assert stats.kstest(z, "norm").pvalue > 1e-4
+
+
+def test_printed_epsilon_upper_bounds_the_mechanism_that_ran():
+    """ε of what ran, composed by dp_accounting directly from the MEASURED stage sensitivities
+    (coupled add/remove runs as above), is at most the ε dpsgdf_train prints."""
+    rng = np.random.default_rng(7)
+    n, d, R = 300, 3, 20.0
+    x = rng.normal(size=(n, d)) + 8.0
+    y = (x[:, 0] > 8.0).astype(int)
+    eps, delta = 2.0, 1e-5
+    res = dpsgdf_train(x, y, target_epsilon=eps, target_delta=delta, feature_bound=R, dataset_size=n,
+                       classes=[0, 1], epochs=2, batch_size=50, preprocessing_fraction=0.3)
+    pre = res.preprocessor
+    # measured add/remove shift of the released centre with the noise held fixed, in units of the
+    # clip bound / N (the noise std is σ_j times that unit): 1 means "sensitivity as accounted"
+    a, b = _coupled_stage_outputs(x, -R * np.ones((1, d)) / math.sqrt(d), seed=3, N=n, R=R, sigma=1.0)
+    coarse_shift = float((b.center - a.center).norm()) / (R / n)
+    assert coarse_shift == pytest.approx(1.0, rel=1e-9)
+    ran = [dpe.GaussianDpEvent(e.noise_multiplier / coarse_shift) if i in (0, 2) else
+           dpe.GaussianDpEvent(e.noise_multiplier)                     # histograms: count ±1
+           for i, e in enumerate(pre.events_)]
+    ref = dp_pld.PLDAccountant(value_discretization_interval=1e-4)
+    ref.compose(dpe.ComposedDpEvent(ran))
+    ref.compose(dpe.PoissonSampledDpEvent(50 / n, dpe.GaussianDpEvent(res.noise_multiplier)), res.steps)
+    true_eps = ref.get_epsilon(delta)
+    assert true_eps <= res.epsilon * (1 + 2e-3) and res.epsilon <= eps
+
+
+def test_default_seed_is_os_entropy_and_an_explicit_seed_warns():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SeededRandomnessWarning)
+        means = []
+        for _ in range(2):
+            torch.manual_seed(0)  # a script's global seed must not fix the noise
+            means.append(private_mean(_X, norm_bound=5.0, noise_multiplier=1.0, dataset_size=40).mean)
+        pre = [FeaturePreprocessor(norm_bound=5.0, noise_multiplier=1.0, dataset_size=40).fit(_X) for _ in range(2)]
+    assert not torch.equal(means[0], means[1])
+    assert not torch.equal(pre[0].mean_, pre[1].mean_)
+    base = dict(target_epsilon=1.0, target_delta=1e-5, feature_bound=5.0, epochs=1, batch_size=10,
+                dataset_size=40, classes=[0, 1])
+    with pytest.warns(SeededRandomnessWarning, match="seed=4") as record:
+        dpsgdf_train(_X, _Y, seed=4, **base)
+    assert record[0].filename == __file__
+    with pytest.warns(SeededRandomnessWarning) as record:
+        DPSGDFClassifier(classes=[0, 1], dataset_size=40, epochs=1, batch_size=10, random_state=4).fit(_X, _Y)
+    assert record[0].filename == __file__
