@@ -164,18 +164,23 @@ def test_batch_memory_manager_equals_full_batches_with_same_seed():
                 module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0,
                 max_grad_norm=0.5, noise_generator=torch.Generator().manual_seed(7))
         batches = 0
+
+        def epoch(source):
+            nonlocal batches
+            for xb, yb in source:
+                assert len(xb) <= (physical or 64)
+                optimizer.zero_grad()
+                F.cross_entropy(model(xb), yb).backward()
+                optimizer.step()
+                batches += 1
+
         if physical is None:
-            source = loader
+            epoch(loader)
         else:
-            manager = BatchMemoryManagerOpacusPath(data_loader=loader, max_physical_batch_size=physical,
-                                                   optimizer=optimizer)
-            source = manager.__enter__()
-        for xb, yb in source:
-            assert len(xb) <= (physical or 64)
-            optimizer.zero_grad()
-            F.cross_entropy(model(xb), yb).backward()
-            optimizer.step()
-            batches += 1
+            with BatchMemoryManagerOpacusPath(data_loader=loader, max_physical_batch_size=physical,
+                                              optimizer=optimizer) as memory_safe_loader:
+                epoch(memory_safe_loader)
+            assert loader.max_physical_batch_size is None      # restored on exit
         return [p.detach() for p in model.parameters()], len(engine.accountant), batches
 
     full, steps_full, batches_full = train(None)
