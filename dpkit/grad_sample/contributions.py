@@ -24,6 +24,13 @@ def _norm_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
 
 
+def _sum_dtype(t, c: torch.Tensor) -> torch.dtype:
+    """Clipped sums are formed in at least float32 and the clip factors' dtype: a factor rounded
+    to bf16 (8 mantissa bits) can exceed min(1, C/‖g‖) by 0.4% and push a contribution past C."""
+    dtype = t.dtype if isinstance(t, torch.Tensor) else t
+    return torch.promote_types(torch.promote_types(dtype, torch.float32), c.dtype)
+
+
 class ExplicitGrad:
     """Per-example gradients already materialised as (B, *shape)."""
 
@@ -37,7 +44,8 @@ class ExplicitGrad:
         return g.reshape(g.shape[0], -1).pow(2).sum(1)
 
     def clipped_sum(self, c):
-        return torch.einsum("b...,b->...", self.grads, c.to(self.grads.dtype))
+        dt = _sum_dtype(self.grads, c)
+        return torch.einsum("b...,b->...", self.grads.to(dt), c.to(dt))
 
     def instantiate(self):
         return self.grads
@@ -72,9 +80,10 @@ class LinearWeightGrad:
 
     def clipped_sum(self, c):
         if self._explicit is not None:
-            return torch.einsum("bkpd,b->kpd", self._explicit, c.to(self._explicit.dtype)).reshape(self.weight_shape)
+            dt = _sum_dtype(self._explicit, c)
+            return torch.einsum("bkpd,b->kpd", self._explicit.to(dt), c.to(dt)).reshape(self.weight_shape)
         # aᵀ diag(c) g: scale whichever operand is smaller, then one matrix product per block
-        dt = torch.promote_types(self.a.dtype, self.g.dtype)  # autocast: bf16 grads, fp32 inputs
+        dt = _sum_dtype(torch.promote_types(self.a.dtype, self.g.dtype), c)  # autocast: bf16 grads
         c = c.to(dt).view(-1, 1, 1, 1)
         a, g = self.a.to(dt), self.g.to(dt)
         a, g = (a * c, g) if a.shape[3] <= g.shape[3] else (a, g * c)
@@ -145,14 +154,16 @@ class EmbeddingRowGrad:
         return out.index_add_(0, unique // num_rows, summed.pow(2).sum(1))
 
     def clipped_sum(self, c):
-        weighted = self.grads * c.to(self.grads.dtype)[self.example].unsqueeze(1)
+        dt = _sum_dtype(self.grads, c)
+        weighted = self.grads.to(dt) * c.to(dt)[self.example].unsqueeze(1)
         # the embedding layer's own (sorted, parallel) backward kernel: far faster than index_add_
         # when many lookups hit the same rows
         return torch.ops.aten.embedding_dense_backward(weighted, self.rows, self.shape[0], -1, False)
 
     def clipped_rows(self, c):
         """Σ_i c_i G_i kept sparse: (row ids, (n, d) scaled row gradients), rows may repeat."""
-        return self.rows, self.grads * c.to(self.grads.dtype)[self.example].unsqueeze(1)
+        dt = _sum_dtype(self.grads, c)
+        return self.rows, self.grads.to(dt) * c.to(dt)[self.example].unsqueeze(1)
 
     def instantiate(self):
         num_rows = self.shape[0]
@@ -256,7 +267,8 @@ class ConvWeightGrad:
     def clipped_sum(self, c):
         if self._explicit is not None:
             return ExplicitGrad(self._explicit).clipped_sum(c)
-        g = self.g * c.to(self.g.dtype).view(-1, *([1] * (self.g.dim() - 1)))
+        dt = _sum_dtype(self.g, c)
+        g = self.g.to(dt) * c.to(dt).view(-1, *([1] * (self.g.dim() - 1)))
         return self._weight_grad(self.x, g, 1)
 
     def zero_examples(self, bad):

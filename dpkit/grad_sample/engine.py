@@ -380,21 +380,24 @@ class GradientEngine:
         def forward(x):
             if not self._capturing() or not _any_trainable(module, False):
                 return original(x)
-            record = _Record(rule.capture(module, (x,), None), 1)
+            record = _Record(None, 1)
             self._record(module, record)
-            return self._broadcast(module, bk_apply(module, x, record))
+            x = self._broadcast(module, x, ids=True)  # the record must see per-example gradients
+            record[0] = rule.capture(module, (x,), None)
+            return bk_apply(module, x, record)
 
         self._install_forward(module, forward)
 
-    def _broadcast(self, module, out):
+    def _broadcast(self, module, t, ids=False):
         """Batch-broadcast input (e.g. position ids of shape (1, T)): with n declared, expand the
-        output (a view) to n rows, so each example's output gradient arrives separately."""
+        embedding's ids or output (views) to n rows, so each example's gradient arrives separately."""
         n = self._current.n if self._current is not None else None
-        if n is None or n <= 1 or type(module) is not nn.Embedding or out.dim() < 2 or out.shape[0] != 1:
-            return out
-        if any(s == n for s in out.shape[:-1]):
-            return out  # the batch is elsewhere (time-major): nothing broadcast
-        return out.expand(n, *out.shape[1:])
+        if n is None or n <= 1 or type(module) is not nn.Embedding:
+            return t
+        lead = t.shape if ids else t.shape[:-1]
+        if len(lead) < 2 or lead[0] != 1 or n in lead:
+            return t  # not broadcast (or the batch is on another axis)
+        return t.expand(n, *t.shape[1:])
 
     def _record(self, module, record) -> None:
         """File a use of ``module`` under the current forward pass (generation).

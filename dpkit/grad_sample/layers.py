@@ -168,14 +168,14 @@ class EmbeddingBagRule(PerSampleRule):
         scale = torch.ones(ids.shape, dtype=grad_output.dtype, device=ids.device)
         if weights is not None:
             scale = scale * weights
-        if module.mode == "mean":
-            sizes = torch.bincount(bag, minlength=B).clamp(min=1).to(grad_output.dtype)
-            scale = scale / sizes[bag]
-        elif module.mode != "sum":
-            raise NotImplementedError("EmbeddingBag(mode='max') has no per-example rule")
         keep = torch.ones_like(ids, dtype=torch.bool)
         if module.padding_idx is not None:
             keep = ids != module.padding_idx
+        if module.mode == "mean":  # torch averages over the bag's NON-padding entries
+            sizes = torch.bincount(bag[keep], minlength=B).clamp(min=1).to(grad_output.dtype)
+            scale = scale / sizes[bag]
+        elif module.mode != "sum":
+            raise NotImplementedError("EmbeddingBag(mode='max') has no per-example rule")
         g = grad_output[bag] * scale.unsqueeze(1)
         return bag[keep], ids[keep], g[keep], None
 
@@ -188,10 +188,15 @@ class _NormRule(PerSampleRule):
         reduce_dims = self.position_dims(module, x)
         out = {}
         if _trainable(getattr(module, "weight", None)):
-            out["weight"] = (grad_output * x_hat).sum(dim=reduce_dims).reshape(x.shape[0], *module.weight.shape)
+            out["weight"] = _sum_positions(grad_output * x_hat, reduce_dims).reshape(x.shape[0], *module.weight.shape)
         if _trainable(getattr(module, "bias", None)):
-            out["bias"] = grad_output.sum(dim=reduce_dims).reshape(x.shape[0], *module.bias.shape)
+            out["bias"] = _sum_positions(grad_output, reduce_dims).reshape(x.shape[0], *module.bias.shape)
         return out
+
+
+def _sum_positions(t: torch.Tensor, dims: tuple) -> torch.Tensor:
+    # (B, D) input has no position axes; torch's sum(dim=()) would reduce EVERY axis
+    return t.sum(dim=dims) if dims else t
 
 
 class LayerNormRule(_NormRule):

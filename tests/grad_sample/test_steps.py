@@ -1,0 +1,330 @@
+"""What one step did to the examples: several forward passes, eval mode, batch axes, functional
+weight uses, low precision, copies, per-layer thresholds. Every exactness check compares with the
+float64 batch-of-1 reference (tests/grad_sample/reference.py); every refusal checks its message."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dpkit.errors import AmbiguousStepError
+from dpkit.grad_sample import GradientEngine
+from tests.grad_sample.reference import clipped_sum, per_example_grads
+
+
+@pytest.fixture(autouse=True)
+def float64_default():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def _mlp(d=4, k=3):
+    return nn.Sequential(nn.Linear(d, 6), nn.Tanh(), nn.Linear(6, k))
+
+
+def _multi_view_loss(model, x, x_aug, y, views):
+    """ce(m(x), y) + Σ_v ‖m(x) − m(x_aug_v)‖²: `views` forward passes of the same examples."""
+    out = model(x)
+    loss = F.cross_entropy(out, y, reduction="sum")
+    for v in range(views - 1):
+        loss = loss + ((out - model(x_aug + v)) ** 2).sum()
+    return loss
+
+
+def _assert_matches(engine, model, expected):
+    for p in model.parameters():
+        torch.testing.assert_close(engine.clipped_sum(p), expected[id(p)], rtol=1e-7, atol=1e-9)
+
+
+# ------------------------------------------------------------- several forward passes
+@pytest.mark.parametrize("views", [2, 3])
+@pytest.mark.parametrize("mode", ["bk", "per_sample"])
+def test_declared_views_of_one_example_move_the_update_by_at_most_c(views, mode):
+    torch.manual_seed(0)
+    model = _mlp()
+    x, x_aug, y = torch.randn(1, 4), torch.randn(1, 4), torch.tensor([1])
+    engine = GradientEngine(model, max_grad_norm=0.01, mode=mode, loss_reduction="sum")
+    with engine.same_examples():
+        loss = _multi_view_loss(model, x, x_aug, y, views)
+    loss.backward()
+    assert engine.accumulate() == 1
+    norm = torch.sqrt(sum(engine.clipped_sum(p).pow(2).sum() for p in model.parameters()))
+    assert norm <= 0.01 * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("views", [2, 3])
+@pytest.mark.parametrize("mode", ["bk", "per_sample"])
+def test_same_examples_is_exact_for_the_summed_loss(views, mode):
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 40), nn.Tanh(), nn.LayerNorm(40), nn.Linear(40, 3))  # ghost path
+    x, x_aug, y = torch.randn(6, 4), torch.randn(6, 4), torch.randint(0, 3, (6,))
+    ref = per_example_grads(model, (x, x_aug, y), lambda m, i: _multi_view_loss(m, *i, views))
+    expected = clipped_sum(ref, 0.3)
+    engine = GradientEngine(model, max_grad_norm=0.3, mode=mode, loss_reduction="sum")
+    with engine.same_examples():
+        loss = _multi_view_loss(model, x, x_aug, y, views)
+    loss.backward()
+    assert engine.accumulate() == 6
+    _assert_matches(engine, model, expected)
+
+
+def test_undeclared_passes_sharing_a_backward_are_refused():
+    model = _mlp()
+    engine = GradientEngine(model, max_grad_norm=1.0)
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    _multi_view_loss(model, x, x, y, 2).backward()
+    with pytest.raises(AmbiguousStepError, match=r"same_examples\(\).*different_examples\(\)"):
+        engine.accumulate()
+
+
+def test_different_examples_clips_each_pass_separately():
+    torch.manual_seed(2)
+    model = _mlp()
+    xa, xb = torch.randn(3, 4), torch.randn(4, 4)
+    ya, yb = torch.randint(0, 3, (3,)), torch.randint(0, 3, (4,))
+    ce = lambda m, i: F.cross_entropy(m(i[0]), i[1], reduction="sum")  # noqa: E731
+    ref = per_example_grads(model, (torch.cat([xa, xb]), torch.cat([ya, yb])), ce)
+    expected = clipped_sum(ref, 0.2)
+    engine = GradientEngine(model, max_grad_norm=0.2, loss_reduction="sum")
+    with engine.different_examples():
+        loss = ce(model, (xa, ya)) + ce(model, (xb, yb))
+    loss.backward()
+    assert engine.accumulate() == 7
+    _assert_matches(engine, model, expected)
+
+
+def test_accumulation_and_unused_passes_need_no_declaration():
+    """forward/backward twice, plus a train-mode forward whose output never reaches a backward."""
+    torch.manual_seed(3)
+    model = _mlp()
+    xa, xb = torch.randn(3, 4), torch.randn(2, 4)
+    ya, yb = torch.randint(0, 3, (3,)), torch.randint(0, 3, (2,))
+    ce = lambda m, i: F.cross_entropy(m(i[0]), i[1], reduction="sum")  # noqa: E731
+    expected = clipped_sum(per_example_grads(model, (torch.cat([xa, xb]), torch.cat([ya, yb])), ce), 0.2)
+    engine = GradientEngine(model, max_grad_norm=0.2, loss_reduction="sum")
+    logged = model(torch.randn(8, 4)).mean().item()  # metrics: never backpropagated
+    ce(model, (xa, ya)).backward()
+    _ = model(torch.randn(9, 4)).argmax(1)
+    ce(model, (xb, yb)).backward()
+    engine.accumulate()
+    assert logged == logged and engine.examples_seen == 5
+    _assert_matches(engine, model, expected)
+
+
+# ------------------------------------------------------------------------- eval mode
+@pytest.mark.parametrize("mode", ["bk", "per_sample"])
+def test_eval_mode_training_is_clipped_exactly(mode):
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.ReLU(), nn.LayerNorm(8), nn.Linear(8, 2))
+    model.eval()
+    x, y = torch.randn(6, 4), torch.randn(6, 2)
+    mse = lambda m, i: ((m(i[0]) - i[1]) ** 2).sum()  # noqa: E731
+    expected = clipped_sum(per_example_grads(model, (x, y), mse), 0.1)
+    engine = GradientEngine(model, max_grad_norm=0.1, mode=mode, loss_reduction="sum")
+    mse(model, (x, y)).backward()
+    assert engine.accumulate() == 6
+    _assert_matches(engine, model, expected)
+
+
+def test_no_grad_evaluation_captures_nothing():
+    model = _mlp()
+    engine = GradientEngine(model, max_grad_norm=1.0)
+    for training in (True, False):
+        model.train(training)
+        with torch.no_grad():
+            model(torch.randn(5, 4))
+    assert engine._current is None and not engine._records
+    assert engine.accumulate() == 0 and not engine.summed_grads
+
+
+# ------------------------------------------------------------------------ batch axis
+class _TimeMajorMLP(nn.Module):
+    """Position-wise MLP applied to time-major (T, B, d) sequences; loss summed per example."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.LayerNorm(5), nn.Linear(5, 2))
+
+    def forward(self, x):  # x: (B, T, d) from the loader; the model works time-major
+        return self.net(x.transpose(0, 1)).transpose(0, 1)
+
+
+def _seq_loss(m, i):
+    return ((m(i[0]) - i[1]) ** 2).sum()
+
+
+@pytest.mark.parametrize("mode", ["bk", "per_sample"])
+def test_time_major_mlp_is_clipped_per_example_when_the_batch_is_declared(mode):
+    torch.manual_seed(5)
+    model = _TimeMajorMLP()
+    x, y = torch.randn(5, 12, 4), torch.randn(5, 12, 2)  # T = 12 ≠ B = 5
+    x2, y2 = torch.randn(5, 5, 4), torch.randn(5, 5, 2)  # then T == B
+    expected = clipped_sum(per_example_grads(model, (x, y), _seq_loss), 0.05)
+    expected2 = clipped_sum(per_example_grads(model, (x2, y2), _seq_loss), 0.05)
+    engine = GradientEngine(model, max_grad_norm=0.05, mode=mode, loss_reduction="sum")
+    engine.expect_batch(5)
+    _seq_loss(model, (x, y)).backward()
+    assert engine.accumulate() == 5
+    _assert_matches(engine, model, expected)
+    engine.reset()  # T == B: the axis proven by the first batch is kept
+    _seq_loss(model, (x2, y2)).backward()
+    assert engine.accumulate() == 5
+    _assert_matches(engine, model, expected2)
+
+
+def test_time_major_mlp_with_t_equal_b_and_no_proof_is_refused():
+    model = _TimeMajorMLP()
+    engine = GradientEngine(model, max_grad_norm=1.0)
+    engine.expect_batch(5)
+    _seq_loss(model, (torch.randn(5, 5, 4), torch.randn(5, 5, 2))).backward()
+    with pytest.raises(AmbiguousStepError, match=r"module 'net.0'.*set_batch_axis"):
+        engine.accumulate()
+    engine.set_batch_axis("net.0", 1)
+    with pytest.raises(ValueError, match="module_name"):
+        engine.set_batch_axis("nope", 1)
+
+
+@pytest.mark.parametrize("T", [5, 7])
+@pytest.mark.parametrize("declared", [True, False])
+@pytest.mark.parametrize("mode", ["bk", "per_sample"])
+def test_transformer_encoder_layer_time_major_is_exact(T, declared, mode):
+    torch.manual_seed(6)
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0)  # batch_first=False
+    model = _TimeMajor(layer)
+    x, y = torch.randn(5, T, 8), torch.randn(5, T, 8)
+    expected = clipped_sum(per_example_grads(model, (x, y), _seq_loss), 0.05)
+    engine = GradientEngine(model, max_grad_norm=0.05, mode=mode, loss_reduction="sum")
+    if declared:
+        engine.expect_batch(5)
+    _seq_loss(model, (x, y)).backward()
+    assert engine.accumulate() == 5
+    _assert_matches(engine, model, expected)
+
+
+class _TimeMajor(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x.transpose(0, 1)).transpose(0, 1)
+
+
+# ------------------------------------------------------------- functional weight use
+class _TiedLM(nn.Module):
+    """nanoGPT-style: the output layer reuses the embedding matrix."""
+
+    def __init__(self, functional):
+        super().__init__()
+        self.wte = nn.Embedding(11, 6)
+        self.mix = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 11, bias=False)
+        self.head.weight = self.wte.weight
+        self.functional = functional
+
+    def forward(self, ids):
+        h = torch.tanh(self.mix(self.wte(ids)))
+        return h @ self.wte.weight.T if self.functional else self.head(h)
+
+
+@pytest.mark.parametrize("mode", ["bk", "per_sample"])
+def test_functional_weight_use_is_refused_and_module_tying_is_exact(mode):
+    torch.manual_seed(7)
+    ids = torch.randint(0, 11, (4, 5))
+    loss = lambda m, i: m(i[0]).logsumexp(-1).sum()  # noqa: E731
+    model = _TiedLM(functional=True)
+    engine = GradientEngine(model, max_grad_norm=0.1, mode=mode, loss_reduction="sum")
+    loss(model, (ids,)).backward()
+    with pytest.raises(RuntimeError, match=r"'wte.weight' received gradient from a use outside its module"):
+        engine.accumulate()
+    model = _TiedLM(functional=False)
+    expected = clipped_sum(per_example_grads(model, (ids,), loss), 0.1)
+    engine = GradientEngine(model, max_grad_norm=0.1, mode=mode, loss_reduction="sum")
+    loss(model, (ids,)).backward()
+    engine.accumulate()
+    _assert_matches(engine, model, expected)
+
+
+# ---------------------------------------------------------------------- bf16 autocast
+def test_bf16_autocast_contributions_never_exceed_c():
+    torch.set_default_dtype(torch.float32)
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 8))
+    engine = GradientEngine(model, max_grad_norm=0.37, loss_reduction="sum")
+    worst = 0.0
+    for _ in range(24):  # one example per batch: its clipped contribution is the clipped sum
+        engine.reset()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(torch.randn(1, 16) * 3).float().pow(2).sum()
+        loss.backward()
+        engine.accumulate()
+        norm = torch.sqrt(sum(engine.clipped_sum(p).double().pow(2).sum() for p in model.parameters()))
+        worst = max(worst, float(norm) / 0.37)
+    assert worst <= 1 + 1e-5
+
+
+# ------------------------------------------------------------------------ deep copies
+@pytest.mark.parametrize("mode", ["bk", "per_sample"])
+def test_deepcopy_computes_with_its_own_weights_and_records_nothing(mode):
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Embedding(7, 4), nn.Linear(4, 4), nn.LayerNorm(4),
+                          nn.Conv1d(3, 2, 1))
+    engine = GradientEngine(model, max_grad_norm=1.0, mode=mode)
+    ema = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.mul_(0.5).add_(0.1)
+    ids = torch.randint(0, 7, (2, 3))
+    plain = copy.deepcopy(ema)
+    for m in plain.modules():
+        m.__dict__.pop("forward", None)  # class forwards: the reference computation
+    ema(ids).sum().backward()
+    torch.testing.assert_close(ema(ids), plain(ids))
+    assert engine.accumulate() == 0 and not engine.summed_grads
+
+
+# ------------------------------------------------------------- per-layer clipping
+def test_per_layer_threshold_follows_unfrozen_tensors():
+    torch.manual_seed(10)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x = torch.randn(1, 3)
+    expected = clipped_sum(per_example_grads(model, (x,), lambda m, i: m(i[0]).pow(2).sum()), 0.01, per_layer=True)
+    model[2].weight.requires_grad_(False)
+    engine = GradientEngine(model, max_grad_norm=0.01, clip_scope="per_layer", loss_reduction="sum")
+    model[2].weight.requires_grad_(True)  # unfrozen after wrapping: 4 tensors, not 3
+    model(x).pow(2).sum().backward()
+    engine.accumulate()
+    norm = torch.sqrt(sum(engine.clipped_sum(p).pow(2).sum() for p in model.parameters()))
+    _assert_matches(engine, model, expected)
+    assert norm <= 0.01 * (1 + 1e-9)
+
+
+# ------------------------------------------------------------------ broadcast inputs
+class _PositionalLM(nn.Module):
+    """Hugging Face style: position ids of shape (1, T) broadcast over the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(9, 4), nn.Embedding(6, 4)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, ids):
+        pos = torch.arange(ids.shape[1]).unsqueeze(0)
+        return self.out(torch.tanh(self.wte(ids) + self.wpe(pos)))
+
+
+@pytest.mark.parametrize("mode", ["bk", "per_sample"])
+def test_batch_broadcast_position_ids_are_exact(mode):
+    torch.manual_seed(11)
+    model = _PositionalLM()
+    ids, y = torch.randint(0, 9, (8, 5)), torch.randn(8, 5, 3)
+    expected = clipped_sum(per_example_grads(model, (ids, y), _seq_loss), 0.05)
+    engine = GradientEngine(model, max_grad_norm=0.05, mode=mode, loss_reduction="sum")
+    engine.expect_batch(8)
+    _seq_loss(model, (ids, y)).backward()
+    assert engine.accumulate() == 8
+    _assert_matches(engine, model, expected)
