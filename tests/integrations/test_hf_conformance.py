@@ -160,6 +160,18 @@ def write_table(path):
                 except Exception as e:  # noqa: BLE001 - the table reports failures as they are
                     cells.append(f"fails: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    from dpkit.integrations.transformers import CONV1D_CLASS, ELEMENTWISE_SCALE_CLASSES
+
+    lines += ["", "## Native rules for layers transformers defines itself", "",
+              "Registered by `dpkit.integrations.transformers` once `transformers` is imported "
+              "(`pip install dpkit[hf]`); without them these layers take the slower torch.func fallback.", "",
+              f"- `{CONV1D_CLASS}` (GPT, GPT-2): a linear view with a transposed weight; book-keeping "
+              "chooses the ghost norm or instantiation per input shape, like `nn.Linear`.",
+              "- element-wise-scale norms (output affine in `weight`, per-example gradient "
+              "Σ_positions ḡ ⊙ (y(w=1) − y(w=0))): " + ", ".join(
+                  f"`{c.rsplit('.', 1)[1]}`" for c in ELEMENTWISE_SCALE_CLASSES) + ".",
+              "", "Models with a `fails:` entry are listed in the report of the engine work they wait "
+              "for; they are not in the test parametrisation until they pass."]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
