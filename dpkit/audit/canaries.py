@@ -16,10 +16,18 @@ or without momentum) for audits.
 
 Memory: the (inserted + unseen) × d direction matrix is kept (float32) on the parameters'
 device. Directions come from :func:`dpkit.audit.canary_directions` (counter-based from (seed,
-canary index)), so the audit can be redone offline from the seed.
+canary index)), so the audit can be redone offline from the seed. The canaries' inclusion coins
+of logical step t are keyed by (seed, t) too, so an auditor restored with :meth:`CanaryAuditor.
+load_state_dict` next to a resumed optimizer draws exactly what an uninterrupted run draws.
+
+Randomness: the seed defaults to OS entropy. It is audit randomness, not privacy noise of the
+real examples (they are protected by the optimizer's noise whatever the canaries are), so an
+explicit seed does not warn; an auditor who wants a reproducible audit may fix it.
 """
 
 from __future__ import annotations
+
+import secrets
 
 import numpy as np
 import torch
@@ -55,7 +63,8 @@ class CanaryAuditor:
             optimizer's per-step event (a Poisson-sampled Gaussian), so canaries are sampled
             exactly like real examples. Required when the event does not carry q (σ = 0, fixed-
             size batches).
-        seed: integer seed of the directions and of the canaries' sampling.
+        seed: integer seed of the directions and of the canaries' sampling (keyed by (seed, step));
+            default None: 63 bits of OS entropy, kept in :attr:`seed` and :meth:`state_dict`.
 
     Raises:
         TypeError: ``optimizer`` is not a DPOptimizer; non-integer counts or seed.
@@ -63,7 +72,7 @@ class CanaryAuditor:
             parameters, a distributed optimizer.
     """
 
-    def __init__(self, optimizer, *, num_canaries, num_unseen=None, sampling_rate=None, seed=0):
+    def __init__(self, optimizer, *, num_canaries, num_unseen=None, sampling_rate=None, seed=None):
         if not isinstance(optimizer, DPOptimizer):
             raise TypeError(f"optimizer must be a dpkit DPOptimizer; got {type(optimizer).__name__}")
         if optimizer.distributed:
@@ -79,7 +88,8 @@ class CanaryAuditor:
         if sampling_rate is None:
             sampling_rate = _event_sampling_rate(optimizer.step_event)
         self.sampling_rate = _validate.probability("sampling_rate", sampling_rate)
-        self.seed = _validate.positive_int("seed", seed, allow_zero=True)
+        self.seed = (secrets.randbits(63) if seed is None
+                     else _validate.positive_int("seed", seed, allow_zero=True))
         self._optimizer = optimizer
         params = optimizer.params
         self._shapes = [p.shape for p in params]
@@ -88,14 +98,20 @@ class CanaryAuditor:
         if total > self.dim:
             raise ValueError(f"num_canaries + num_unseen must be <= the number of trainable "
                              f"parameters ({self.dim}); got {total}")
-        device = params[0].device
-        dirs = canary_directions(self.seed, total, self.dim)
-        self._directions = torch.as_tensor(dirs, dtype=torch.float32, device=device)
+        self._directions = self._make_directions(params[0].device)
         self._theta0 = self._flat(params).clone()
-        # inclusion draws: a stream of its own, keyed by the seed but separate from the directions
-        self._rng = np.random.default_rng(np.random.SeedSequence([self.seed, 0xCA7A]))
         self.inclusions = np.zeros(self.num_canaries, dtype=np.int64)  # times each was sampled
         self._handle = optimizer.register_contribution_hook(self._contribute)
+
+    def _make_directions(self, device) -> torch.Tensor:
+        dirs = canary_directions(self.seed, self.num_canaries + self.num_unseen, self.dim)
+        return torch.as_tensor(dirs, dtype=torch.float32, device=device)
+
+    def _inclusion_mask(self, step: int) -> np.ndarray:
+        """Poisson coins of logical step ``step``: a stream keyed by (seed, tag, step), separate
+        from the directions, so a resumed auditor continues instead of replaying step 0's coins."""
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, 0xCA7A, int(step)]))
+        return rng.random(self.num_canaries) < self.sampling_rate
 
     @staticmethod
     def _flat(params) -> torch.Tensor:
@@ -108,7 +124,7 @@ class CanaryAuditor:
             raise RuntimeError("CanaryAuditor: the optimizer's step passes parameters that differ "
                                "from those at construction (lazy embedding noise?); canaries "
                                "need every trainable parameter in the dense step")
-        mask = self._rng.random(self.num_canaries) < self.sampling_rate
+        mask = self._inclusion_mask(step)
         if not mask.any():
             return None
         self.inclusions += mask
@@ -123,6 +139,31 @@ class CanaryAuditor:
             out.append(flat[start:start + n].reshape(shape).to(p.dtype))
             start += n
         return out
+
+    def state_dict(self) -> dict:
+        """Seed, settings, θ_0 and inclusion counts: with the optimizer's own checkpoint, enough
+        to continue the audit in a new process (the directions are regenerated from the seed)."""
+        return {"seed": self.seed, "num_canaries": self.num_canaries, "num_unseen": self.num_unseen,
+                "sampling_rate": self.sampling_rate, "dim": self.dim,
+                "theta0": self._theta0.detach().cpu().clone(), "inclusions": self.inclusions.copy()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` into an auditor built on the resumed optimizer.
+
+        Raises:
+            TypeError: ``state`` is not a dict.
+            ValueError: the counts, sampling rate or model dimension differ from this auditor's.
+        """
+        if not isinstance(state, dict) or "seed" not in state:
+            raise TypeError("state must be a dict from CanaryAuditor.state_dict()")
+        for key in ("num_canaries", "num_unseen", "sampling_rate", "dim"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"state was saved with {key}={state[key]!r}; this auditor has "
+                                 f"{key}={getattr(self, key)!r}: build it with the same settings")
+        self.seed = int(state["seed"])
+        self._directions = self._make_directions(self._directions.device)
+        self._theta0 = torch.as_tensor(state["theta0"]).to(self._theta0.device, self._theta0.dtype).clone()
+        self.inclusions = np.asarray(state["inclusions"], dtype=np.int64).copy()
 
     def remove(self) -> None:
         """Stop inserting canaries (the recorded θ_0 and the directions are kept)."""

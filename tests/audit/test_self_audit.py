@@ -137,3 +137,68 @@ def test_invalid_inputs(kwargs, exc, name):
     args.update(kwargs)
     with pytest.raises(exc, match=name):
         CanaryAuditor(args.pop("optimizer"), **args)
+
+
+def _resumable_run():
+    """A float64 model, a DP-SGD optimizer (σ = 1, momentum) on one fixed batch, no sampler."""
+    model = _model().double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    _, opt, _ = dpkit.make_private(model, opt, None, noise_multiplier=1.0, max_grad_norm=1.0,
+                                   sample_rate=0.2, expected_batch_size=4,
+                                   generator=torch.Generator().manual_seed(3))
+    return model, opt
+
+
+def _steps(model, opt, auditor, count):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4, 32, generator=g, dtype=torch.float64), torch.tensor([0, 1, 2, 3])
+    per_step = []
+    for _ in range(count):
+        before = auditor.inclusions.copy()
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        per_step.append(auditor.inclusions - before)
+    return np.array(per_step)
+
+
+@pytest.mark.filterwarnings("ignore::dpkit.errors.SeededRandomnessWarning")
+def test_auditor_resumed_from_disk_equals_the_uninterrupted_audit(tmp_path):
+    model, opt = _resumable_run()
+    whole = CanaryAuditor(opt, num_canaries=40, num_unseen=10, seed=5)
+    ref = _steps(model, opt, whole, 10)
+
+    model, opt = _resumable_run()
+    first = CanaryAuditor(opt, num_canaries=40, num_unseen=10, seed=5)
+    early = _steps(model, opt, first, 5)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "audit": first.state_dict()},
+               tmp_path / "ckpt.pt")
+    del model, opt, first
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    model, opt = _resumable_run()
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    resumed = CanaryAuditor(opt, num_canaries=40, num_unseen=10)   # default seed: OS entropy
+    resumed.load_state_dict(state["audit"])
+    late = _steps(model, opt, resumed, 5)
+
+    np.testing.assert_array_equal(np.vstack([early, late]), ref)  # the same coins, step by step
+    assert not np.array_equal(early, late)                        # steps 5..9 are not a replay
+    np.testing.assert_array_equal(resumed.inclusions, whole.inclusions)
+    for p, q in zip(resumed._optimizer.params, whole._optimizer.params):
+        assert p.dtype == torch.float64 and torch.equal(p, q)
+    for a, b in zip(resumed.scores(), whole.scores()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_auditor_default_seed_is_fresh_and_state_must_match():
+    model, opt = _resumable_run()
+    a = CanaryAuditor(opt, num_canaries=5, num_unseen=5)
+    b = CanaryAuditor(opt, num_canaries=5, num_unseen=5)
+    assert a.seed != b.seed
+    a.remove()
+    b.remove()
+    with pytest.raises(ValueError, match="num_canaries=5"):
+        CanaryAuditor(opt, num_canaries=6, num_unseen=5).load_state_dict(a.state_dict())
+    with pytest.raises(TypeError, match="state must be a dict"):
+        a.load_state_dict({"x": 1})
