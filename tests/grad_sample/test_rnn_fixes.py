@@ -91,24 +91,27 @@ class PackedClassifier(nn.Module):
         self.rnn = nn.LSTM(3, 4, num_layers=2, batch_first=True, bidirectional=bidirectional)
         self.head = nn.Linear(4, 2)
 
-    def forward(self, x, lengths):
+    def forward(self, x, lengths, h0=None):
         packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        _, (h, c) = self.rnn(packed)
+        hx = None if h0 is None else (h0.transpose(0, 1).contiguous(), -h0.transpose(0, 1).contiguous())
+        _, (h, c) = self.rnn(packed, hx)  # hx and h_n in the caller's (unsorted) example order
         return self.head(h[-1] + h[-2] + c[-1])
 
 
 def _packed_loss(m, inp):
-    x, lengths = inp
-    return m(x[:, :int(lengths.max())], lengths).pow(2).sum()
+    x, lengths, *h0 = inp
+    return m(x[:, :int(lengths.max())], lengths, *h0).pow(2).sum()
 
 
+@pytest.mark.parametrize("initial_state", [False, True])
 @pytest.mark.parametrize("mode", ["bk", "per_sample"])
-def test_packed_lstm_final_state_matches_reference(mode):
+def test_packed_lstm_final_state_matches_reference(mode, initial_state):
     torch.manual_seed(2)
     B = 4
     x = torch.randn(B, 6, 3)
     lengths = torch.tensor([3, 6, 1, 4])
-    _check(PackedClassifier(), (x, lengths), _packed_loss, mode, B)
+    inputs = (x, lengths, torch.randn(B, 4, 4)) if initial_state else (x, lengths)
+    _check(PackedClassifier(), inputs, _packed_loss, mode, B)
 
 
 class PackedTagger(nn.Module):
