@@ -133,11 +133,12 @@ def _one_step(engine, model, x, y, *, criterion=None, **kwargs):
 
 
 @pytest.mark.parametrize("kwargs", [
-    {"max_grad_norm": 0.1},
-    {"max_grad_norm": [0.05] * 4, "clipping": "per_layer"},
-    {"max_grad_norm": 0.1, "grad_sample_mode": "ghost", "criterion": nn.CrossEntropyLoss(reduction="sum")},
+    {"max_grad_norm": 1.5},
+    {"max_grad_norm": [0.5] * 4, "clipping": "per_layer"},
+    {"max_grad_norm": 1.5, "grad_sample_mode": "ghost", "criterion": nn.CrossEntropyLoss(reduction="sum")},
 ], ids=["flat", "per_layer", "ghost"])
 def test_update_equals_opacus_on_a_fixed_batch(kwargs):
+    """σ = 0 and a norm near the median per-example norm (0.88–2.1 here): some examples clipped, some not."""
     from opacus import PrivacyEngine as OpacusEngine
 
     x, y = _data(16)
@@ -147,7 +148,7 @@ def test_update_equals_opacus_on_a_fixed_batch(kwargs):
     ours = _one_step(PrivacyEngine(), model, x, y, **kwargs)
     before = list(_mlp().parameters())
     for a, b, p0 in zip(ours, theirs, before):
-        assert not torch.allclose(a, p0)             # clipping is active, the step moved the weights
+        assert not torch.allclose(a, p0)             # the step moved the weights
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
