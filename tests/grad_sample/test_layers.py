@@ -142,3 +142,32 @@ def test_per_layer_and_automatic_clipping(per_layer, automatic):
     engine.accumulate()
     for p in model.parameters():
         torch.testing.assert_close(engine.clipped_sum(p), expected[id(p)])
+
+
+NORM_LAYERS = {
+    "layernorm": lambda c: nn.LayerNorm(c),
+    "rmsnorm": lambda c: nn.RMSNorm(c),
+    "groupnorm": lambda c: nn.GroupNorm(2, c),
+}
+
+
+@pytest.mark.parametrize("mode", ["bk", "per_sample"])
+@pytest.mark.parametrize("rank", [2, 3, 4, 5])
+@pytest.mark.parametrize("norm", sorted(NORM_LAYERS))
+def test_norm_layers_over_input_ranks(norm, rank, mode):
+    """(B, D) input has no position axis: it used to crash inside the rule (issue 14)."""
+    torch.manual_seed(0)
+    model = NORM_LAYERS[norm](4)
+    with torch.no_grad():  # non-trivial affine parameters
+        for p in model.parameters():
+            p.normal_()
+    shape = (5, 4, 3, 2, 2)[:rank] if norm == "groupnorm" else (5, 3, 2, 2)[:rank - 1] + (4,)
+    x = torch.randn(*shape)
+    y = torch.randn(*shape)
+    ref = per_example_grads(model, (x, y), lambda m, inp: _mse(m, inp, "sum"))
+    expected = clipped_sum(ref, 0.5)
+    engine = GradientEngine(model, max_grad_norm=0.5, mode=mode, loss_reduction="sum")
+    _mse(model, (x, y), "sum").backward()
+    assert engine.accumulate() == 5
+    for p in model.parameters():
+        torch.testing.assert_close(engine.clipped_sum(p), expected[id(p)], rtol=1e-7, atol=1e-9)

@@ -66,6 +66,28 @@ def test_embeddingbag_matches_reference():
         torch.testing.assert_close(engine.clipped_sum(model.weight), expected[id(model.weight)])
 
 
+@pytest.mark.parametrize("offsets", [False, True])
+def test_embeddingbag_mean_with_padding_and_keyword_weights_matches_reference(offsets):
+    """torch averages over the NON-padding entries of a bag; per_sample_weights may be a keyword."""
+    torch.manual_seed(0)
+    model = nn.EmbeddingBag(9, 4, mode="mean" if not offsets else "sum", padding_idx=0).double()
+    ids = torch.randint(0, 9, (5, 4))
+    ids[:, 0] = 0  # every bag holds padding
+    if offsets:  # flat ids + offsets + per-example weights passed by keyword
+        weights = torch.rand(5, 4, dtype=torch.float64)
+        loss = lambda m, inp: m(inp[0].reshape(-1), torch.arange(0, inp[0].numel(), 4),  # noqa: E731
+                                per_sample_weights=inp[1].reshape(-1)).pow(2).sum()
+        inputs = (ids, weights)
+    else:
+        loss, inputs = _sum_loss, (ids,)
+    ref = per_example_grads(model, inputs, loss)
+    expected = clipped_sum(ref, 0.3)
+    engine = GradientEngine(model, max_grad_norm=0.3, loss_reduction="sum")
+    loss(model, inputs).backward()
+    engine.accumulate()
+    torch.testing.assert_close(engine.clipped_sum(model.weight), expected[id(model.weight)])
+
+
 def test_bk_skips_weight_gradient_but_keeps_input_gradient_flow():
     model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2))
     engine = GradientEngine(model, max_grad_norm=1.0, mode="bk")
