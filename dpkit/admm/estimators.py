@@ -16,7 +16,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 from dpkit import _validate as v
 from dpkit.admm.accounting import admm_epsilon, calibrate_admm_noise
 from dpkit.admm.prox import elastic_net_prox, l1_prox, l2_prox, logistic_loss_prox, squared_loss_prox
-from dpkit.admm.solver import VARIANTS, _check_data, private_admm
+from dpkit.admm.solver import VARIANTS, _check_data, as_generator, private_admm
 
 
 class _ADMMBase(BaseEstimator):
@@ -59,7 +59,7 @@ class _ADMMBase(BaseEstimator):
                            variant=self.variant, relaxation=self.relaxation, step=self.step,
                            max_iter=max_iter,
                            sampling_rate=q if self.variant == "federated" else None,
-                           penalized=penalized, rng=self.random_state)
+                           penalized=penalized, rng=as_generator("random_state", self.random_state))
         w = res.coef
         self.coef_ = w[:-1] if self.fit_intercept else w
         self.intercept_ = float(w[-1]) if self.fit_intercept else 0.0
@@ -91,7 +91,8 @@ _COMMON_ARGS = """
         relaxation: KM relaxation in (0, 1).  step: prox step (> 0).
         fit_intercept: learn an unpenalised intercept.
         noise_multiplier: give the noise directly instead of ``epsilon`` (epsilon must be None).
-        random_state: seed / Generator for sampling and noise.
+        random_state: None (default: OS entropy), a numpy Generator, or an int seed for tests
+            (emits ``SeededRandomnessWarning``: a fixed seed fixes the noise).
 
     Attributes:
         coef_, intercept_, noise_multiplier_, epsilon_ (spent at ``delta``; inf without noise),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from dpkit import _validate as v
-from dpkit.admm.solver import _check_data, _clip_rows
+from dpkit.admm.solver import _check_data, _clip_rows, as_generator
 
 
 def squared_loss_grad(w, X, y):
@@ -38,7 +38,8 @@ def dp_proximal_sgd(X, y, grad_fn, reg_prox, *, noise_multiplier, clip, learning
         learning_rate: ``eta > 0``.  steps: number of steps (>= 1).
         sampling_rate: Poisson sampling rate ``q`` in (0, 1].
         penalized: optional boolean mask of regularised coordinates.
-        rng: numpy Generator or seed.
+        rng: None (default: OS entropy), a numpy Generator, or an int seed for tests (warns:
+            ``SeededRandomnessWarning``).
 
     Returns:
         (p,) final iterate.
@@ -53,8 +54,7 @@ def dp_proximal_sgd(X, y, grad_fn, reg_prox, *, noise_multiplier, clip, learning
     eta = v.positive("learning_rate", learning_rate)
     steps = v.positive_int("steps", steps)
     q = v.probability("sampling_rate", sampling_rate)
-    if not isinstance(rng, np.random.Generator):
-        rng = np.random.default_rng(rng)
+    rng = as_generator("rng", rng)
     w = np.zeros(p)
     for _ in range(steps):
         idx = np.flatnonzero(rng.random(n) < q) if q < 1 else np.arange(n)

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dpkit import _validate as v
+from dpkit.federated._seeds import resolve_seed
 
 VARIANTS = ("centralized", "federated", "decentralized")
 
@@ -82,6 +83,19 @@ def _check_data(X, y):
     return X, y
 
 
+def as_generator(name: str, rng) -> np.random.Generator:
+    """The run's numpy Generator: ``rng`` itself if it is one, else one seeded with OS entropy
+    (None, the default) or with the integer ``rng`` — which emits
+    :class:`~dpkit.errors.SeededRandomnessWarning` (it fixes the noise: tests only).
+
+    Raises:
+        TypeError, ValueError: ``rng`` is neither None, a Generator nor an integer ≥ 0.
+    """
+    if isinstance(rng, np.random.Generator):
+        return rng
+    return np.random.default_rng(resolve_seed(name, rng))
+
+
 def _clip_rows(D, clip):
     if np.isinf(clip):
         return D
@@ -108,7 +122,9 @@ def private_admm(X, y, loss_prox, reg_prox, *, noise_multiplier, clip, variant="
         max_iter: rounds (>= 1); for ``"decentralized"`` passes over the data (``max_iter * n`` steps).
         sampling_rate: client sampling probability ``q`` in (0, 1] (``"federated"`` only; required there).
         penalized: optional boolean mask (p,) of coordinates the regulariser acts on.
-        rng: ``numpy.random.Generator`` or int seed (or None) for sampling and noise.
+        rng: randomness of sampling and noise: None (default: OS entropy), a
+            ``numpy.random.Generator`` (the caller's responsibility), or an int seed for tests
+            (emits ``SeededRandomnessWarning``).
         record_history: keep the consensus model after every round.
 
     Returns:
@@ -116,6 +132,10 @@ def private_admm(X, y, loss_prox, reg_prox, *, noise_multiplier, clip, variant="
 
     Raises:
         ValueError / TypeError: invalid arguments.
+
+    Resume: one call, no checkpoint; an interrupted run cannot be continued. The accounting
+    (:func:`~dpkit.admm.admm_epsilon`) is for the whole run of ``max_iter`` rounds — for the
+    centralized variant the sensitivity grows with t — so a restart is a new run and a new release.
     """
     X, y = _check_data(X, y)
     n, p = X.shape
@@ -141,8 +161,7 @@ def private_admm(X, y, loss_prox, reg_prox, *, noise_multiplier, clip, variant="
         penalized = np.asarray(penalized, dtype=bool)
         if penalized.shape != (p,):
             raise ValueError(f"penalized must be a boolean mask of shape ({p},); got {penalized.shape}")
-    if not isinstance(rng, np.random.Generator):
-        rng = np.random.default_rng(rng)
+    rng = as_generator("rng", rng)
 
     user_sens = 4.0 * lam * L if np.isfinite(L) else float("inf")
     sens = user_sens / n if variant == "centralized" else user_sens

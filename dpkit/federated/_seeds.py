@@ -8,7 +8,8 @@ at round t (never the streams of rounds 0, 1, ... again).
 
 The run seed itself comes from OS entropy unless the caller asks for a fixed one
 (:func:`resolve_seed`): a seed written in code is known to anyone who reads the code, and with it
-the noise can be subtracted. ``secure=True`` paths draw fresh OS entropy per stream instead (not
+the noise can be subtracted (:func:`resolve_seed` is shared with the numpy-only
+:mod:`dpkit.admm`). ``secure=True`` paths draw fresh OS entropy per stream instead (not
 reproducible, nothing to keep secret).
 """
 
@@ -20,7 +21,6 @@ import sys
 import warnings
 
 import numpy as np
-import torch
 
 from dpkit import _validate
 from dpkit.errors import SeededRandomnessWarning
@@ -67,8 +67,10 @@ def derive_seed(seed: int, *keys: int) -> int:
     return int(state.generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
-def generator(seed: int | None, *keys: int) -> torch.Generator:
+def generator(seed: int | None, *keys: int):
     """A CPU ``torch.Generator`` for stream ``keys``; OS entropy when ``seed`` is None (secure)."""
+    import torch  # here, not at the top: the torch-free ADMM package imports resolve_seed
+
     g = torch.Generator()
     if seed is None:
         g.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)

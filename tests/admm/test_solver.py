@@ -10,6 +10,8 @@ from dpkit.admm import (DPLassoADMM, DPLogisticADMM, dp_proximal_sgd, l1_prox, l
                         squared_loss_grad, squared_loss_prox)
 
 INF = float("inf")
+# explicit seeds below are test conveniences (they warn; see test_seeds.py)
+pytestmark = pytest.mark.filterwarnings("ignore::dpkit.errors.SeededRandomnessWarning")
 
 
 def _lasso_data(n=200, p=8, seed=0):
