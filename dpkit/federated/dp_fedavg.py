@@ -130,8 +130,16 @@ class DPFedAvg:
             ``reporting_clients``, ``unclipped_fraction``).
 
         Raises:
-            ValueError: an update from a client not sampled this round, or a malformed update.
+            TypeError: ``updates`` is not a mapping.
+            ValueError: an update from a client not sampled this round, or a malformed update
+                (wrong number of tensors, wrong shape, NaN/Inf). The check is atomic: on error
+                nothing is released or accounted, the round is not advanced, and the caller may
+                call ``aggregate`` again for the same cohort without the offending client (which
+                then counts as a drop-out: a user contributing nothing is within the
+                sensitivity S, so the round's account is unchanged).
         """
+        if not isinstance(updates, Mapping):
+            raise TypeError(f"updates must be a mapping client index -> update; got {type(updates).__name__}")
         cohort = set(self.sample_cohort())
         for k in updates:
             if k not in cohort:

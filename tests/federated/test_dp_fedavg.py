@@ -209,3 +209,28 @@ def test_invalid_updates(update, match):
 def test_fedadam_invalid(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         FedAdam([torch.zeros(2)], **kwargs)
+
+
+@pytest.mark.parametrize("bad", [
+    [torch.zeros(3, 2), torch.tensor([float("inf"), 0.0])],
+    [torch.full((3, 2), float("nan")), torch.zeros(2)],
+    [torch.zeros(3, 3), torch.zeros(2)],
+    [torch.zeros(3, 2)],
+])
+def test_a_bad_update_refuses_the_round_atomically_and_a_retry_is_accounted_once(bad):
+    """Issue 16: a NaN/Inf or misshaped update raises before anything is released or accounted;
+    the same cohort can then be aggregated without that client (a drop-out), accounted once."""
+    server = _server(params=_zeros([(3, 2), (2,)]), num_clients=4, sampling_rate=1.0, noise_multiplier=1.0)
+    good = {k: [torch.full((3, 2), 0.1), torch.full((2,), 0.1)] for k in range(4)}
+    before = [p.clone() for p in server.params]
+    with pytest.raises(ValueError, match=r"updates\[2\]"):
+        server.aggregate({**good, 2: bad})
+    assert server.round == 0 and server.accountant.ledger == []
+    for p, q in zip(server.params, before):
+        assert torch.equal(p, q)
+    del good[2]                                   # client 2 treated as a drop-out
+    info = server.aggregate(good)
+    assert info["nonprivate"]["reporting_clients"] == 3 and info["nonprivate"]["cohort_size"] == 4
+    assert server.round == 1 and server.accountant.ledger == [(dpsgd_event(1.0, 1.0), 1)]
+    with pytest.raises(TypeError, match="updates must be a mapping"):
+        server.aggregate([good[0]])
