@@ -312,6 +312,20 @@ def test_other_refusals():
         BatchMemoryManager(data_loader=loader, max_physical_batch_size=0, optimizer=optimizer)
 
 
+def test_opacus_noise_scheduler_cannot_change_sigma_behind_the_ledger():
+    """An Opacus script keeps `from opacus.schedulers import ExponentialNoise`; it must not lower σ silently."""
+    from opacus.schedulers import ExponentialNoise
+
+    engine, args = _setup(PrivacyEngine(accountant="rdp"))
+    model, optimizer, loader = engine.make_private(**args)
+    _train(model, optimizer, loader, 4)
+    with pytest.raises(AttributeError, match="noise_multiplier is fixed"):
+        ExponentialNoise(optimizer, gamma=0.1)       # refused when built (it assigns σ right away)
+    assert optimizer.noise_multiplier == 1.0 and isinstance(optimizer, dpkit.DPOptimizer)
+    assert engine.accountant.history == [(1.0, 0.25, 4)]
+    assert engine.get_epsilon(DELTA) == pytest.approx(rdp_epsilon(1.0, 0.25, 4), rel=1e-9)
+
+
 def test_planned_run_is_enforced():
     """make_private_with_epsilon: the calibrated budget is a hard limit (Opacus would keep spending)."""
     engine, args = _setup(PrivacyEngine(accountant="rdp"))

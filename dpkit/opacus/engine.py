@@ -19,8 +19,11 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from dp_accounting import dp_event
+
 from dpkit.accountants import make_accountant
 from dpkit.grad_sample import check_model, replace_batchnorm
+from dpkit.optim.dp_optimizer import DPOptimizer
 from dpkit.privacy_engine import make_private as _dpkit_make_private
 
 __all__ = ["PrivacyEngine", "AccountantView"]
@@ -47,8 +50,8 @@ class AccountantView:
     ``make_private`` it is an empty accountant of the chosen kind.
 
     Attributes:
-        history: ``[(noise_multiplier, sample_rate, steps)]`` — one entry for the run (dpkit keeps
-            σ and q fixed for a run); empty before the first step.
+        history: ``[(noise_multiplier, sample_rate, steps)]`` read from the ledger (runs of identical
+            steps merged, as in Opacus); empty before the first step.
     """
 
     def __init__(self, mechanism: str):
@@ -76,10 +79,16 @@ class AccountantView:
 
     @property
     def history(self) -> list[tuple[float, float, int]]:
-        steps = len(self)
-        if steps == 0:
-            return []
-        return [(self._optimizer.noise_multiplier, self._sample_rate, steps)]
+        return [(*self._sigma_and_rate(event), count) for event, count in self.dpkit_accountant.ledger]
+
+    def _sigma_and_rate(self, event) -> tuple[float, float]:
+        """(σ, q) of one ledger event as Opacus records them; the run's settings for other events
+        (e.g. accumulated Poisson batches, accounted as a mixture of Gaussians)."""
+        if isinstance(event, dp_event.PoissonSampledDpEvent) and isinstance(event.event, dp_event.GaussianDpEvent):
+            return event.event.noise_multiplier, event.sampling_probability
+        if isinstance(event, dp_event.GaussianDpEvent):
+            return event.noise_multiplier, 1.0
+        return self._optimizer.noise_multiplier, self._sample_rate
 
     def get_epsilon(self, delta: float) -> float:
         """ε spent so far at ``delta`` (0 before any step).
@@ -121,6 +130,28 @@ class _ReducedLoss:
     def __call__(self, *args, **kwargs):
         losses = self.criterion(*args, **kwargs)
         return losses.mean() if self.loss_reduction == "mean" else losses.sum()
+
+
+class _FixedNoiseDPOptimizer(DPOptimizer):
+    """The DPOptimizer of a drop-in run, with ``noise_multiplier`` read-only.
+
+    Opacus scripts keep importing ``opacus.schedulers``, whose noise schedulers assign
+    ``optimizer.noise_multiplier``; on a DPOptimizer that would change the noise while the ledger
+    keeps composing the event of the σ set by make_private (ε silently under-stated).
+    """
+
+    @property
+    def noise_multiplier(self) -> float:
+        return self.__dict__["noise_multiplier"]
+
+    @noise_multiplier.setter
+    def noise_multiplier(self, value) -> None:
+        if "noise_multiplier" in self.__dict__:
+            raise AttributeError("noise_multiplier is fixed for a dpkit run: the accountant composes the DP "
+                                 "event of the σ set by make_private, so changing it (e.g. with an Opacus "
+                                 "noise scheduler) would add less noise than is accounted. Train with a "
+                                 "constant noise_multiplier")
+        self.__dict__["noise_multiplier"] = value
 
 
 class PrivacyEngine:
@@ -280,6 +311,7 @@ class PrivacyEngine:
             accountant=_ACCOUNTANTS[self.accountant.mechanism()], poisson_sampling=poisson_sampling,
             clip_scope=clip_scope, loss_reduction=loss_reduction, secure_mode=self.secure_mode,
             generator=noise_generator, **noise)
+        dp_optimizer.__class__ = _FixedNoiseDPOptimizer  # refuse σ changes behind the ledger (Opacus schedulers)
         self._optimizer = dp_optimizer
         self.accountant._bind(dp_optimizer, dp_loader.sample_rate)
         if wrap_model:
