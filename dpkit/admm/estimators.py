@@ -147,12 +147,16 @@ class DPLogisticADMM(ClassifierMixin, _ADMMBase):
     Args:
         alpha: penalty strength (>= 0): objective ``mean log-loss + alpha * penalty(w)``.
         penalty: ``"l2"`` (``||w||^2 / 2``), ``"l1"`` or ``"elasticnet"``.
-        l1_ratio: elastic-net mixing in [0, 1].""" + _COMMON_ARGS
+        l1_ratio: elastic-net mixing in [0, 1].
+        classes: the two PUBLIC labels (required), ``classes[1]`` the positive class: ``classes_``
+            is this, never ``np.unique(y)``, which would release the labels present outside the
+            privacy ledger (one user with a unique label changes it: ε = ∞).""" + _COMMON_ARGS
 
-    def __init__(self, alpha=1e-3, *, penalty="l2", l1_ratio=0.5, epsilon=1.0, delta=1e-5,
+    def __init__(self, alpha=1e-3, *, classes=None, penalty="l2", l1_ratio=0.5, epsilon=1.0, delta=1e-5,
                  variant="centralized", clip=1.0, max_iter=50, sampling_rate=0.1, relaxation=0.5,
                  step=1.0, fit_intercept=True, noise_multiplier=None, random_state=None):
         self.alpha = alpha
+        self.classes = classes
         self.penalty = penalty
         self.l1_ratio = l1_ratio
         self.epsilon = epsilon
@@ -168,13 +172,25 @@ class DPLogisticADMM(ClassifierMixin, _ADMMBase):
         self.random_state = random_state
 
     def fit(self, X, y):
-        """Fit on binary labels (any two values); returns self."""
+        """Fit on binary labels from the declared ``classes``; returns self.
+
+        Raises:
+            ValueError: ``classes`` not declared or not two distinct labels, a label of ``y``
+                outside ``classes``, or invalid data / parameters.
+        """
         labels = np.asarray(y)
         if labels.ndim != 1:
             raise ValueError(f"y must be a 1-D array of labels; got shape {labels.shape}")
-        classes = np.unique(labels)
-        if classes.size != 2:
-            raise ValueError(f"y must contain exactly two classes; got {classes.size}")
+        if self.classes is None:
+            raise ValueError("classes must be declared: the two public labels, e.g. classes=[0, 1] "
+                             "(reading them off y would release which labels occur)")
+        classes = np.asarray(list(self.classes))
+        if classes.shape != (2,) or classes[0] == classes[1]:
+            raise ValueError(f"classes must be two distinct labels; got {self.classes!r}")
+        outside = ~np.isin(labels, classes)
+        if outside.any():
+            raise ValueError(f"y has {int(outside.sum())} label(s) outside the declared classes "
+                             f"{classes.tolist()!r}")
         X, signs = _check_data(X, np.where(labels == classes[1], 1.0, -1.0))
         alpha = v.non_negative("alpha", self.alpha)
         v.one_of("penalty", self.penalty, ("l1", "l2", "elasticnet"))

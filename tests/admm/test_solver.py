@@ -51,7 +51,7 @@ def test_no_noise_logistic_matches_sklearn():
     y = (X @ np.array([1.0, -2.0, 0.5, 0.0]) + 0.3 + rng.logistic(size=150) > 0).astype(int)
     alpha = 0.01
     ref = LogisticRegression(C=1.0 / (alpha * len(y)), tol=1e-12, max_iter=10_000).fit(X, y)
-    m = DPLogisticADMM(alpha=alpha, epsilon=None, clip=None, max_iter=800, step=2.0).fit(X, y)
+    m = DPLogisticADMM(alpha=alpha, classes=[0, 1], epsilon=None, clip=None, max_iter=800, step=2.0).fit(X, y)
     np.testing.assert_allclose(m.coef_, ref.coef_[0], atol=1e-4)
     assert m.intercept_ == pytest.approx(ref.intercept_[0], abs=1e-4)
     assert np.array_equal(m.predict(X), ref.predict(X))
@@ -62,8 +62,24 @@ def test_logistic_accepts_string_labels():
     rng = np.random.default_rng(1)
     X = rng.normal(size=(80, 3))
     y = np.where(X[:, 0] > 0, "spam", "ham")
-    m = DPLogisticADMM(alpha=0.01, epsilon=None, clip=None, max_iter=200, step=2.0).fit(X, y)
+    m = DPLogisticADMM(alpha=0.01, classes=["ham", "spam"], epsilon=None, clip=None, max_iter=200,
+                       step=2.0).fit(X, y)
     assert list(m.classes_) == ["ham", "spam"] and m.score(X, y) > 0.9
+
+
+def test_logistic_label_set_is_declared_not_read_off_the_data():
+    """Issue 13: classes_ is the declared pair, whatever labels occur; others are refused."""
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(30, 3))
+    kw = dict(alpha=0.01, epsilon=None, clip=None, max_iter=5)
+    m = DPLogisticADMM(classes=["no", "yes"], **kw).fit(X, np.full(30, "no"))  # one label present
+    assert list(m.classes_) == ["no", "yes"] and m.predict_proba(X).shape == (30, 2)
+    with pytest.raises(ValueError, match="classes must be declared"):
+        DPLogisticADMM(**kw).fit(X, np.arange(30) % 2)
+    with pytest.raises(ValueError, match="two distinct labels"):
+        DPLogisticADMM(classes=[1, 1], **kw).fit(X, np.arange(30) % 2)
+    with pytest.raises(ValueError, match="1 label\\(s\\) outside the declared classes"):
+        DPLogisticADMM(classes=[0, 1], **kw).fit(X, np.where(np.arange(30) == 4, 2, np.arange(30) % 2))
 
 
 def test_prox_operators_solve_their_problems():
@@ -241,13 +257,15 @@ def test_private_admm_invalid_inputs(kwargs, exc, word):
 ])
 def test_estimator_invalid_params(est, kwargs, exc, word):
     y = Y0 if est is DPLassoADMM else (Y0 > np.median(Y0)).astype(int)
+    if est is DPLogisticADMM:
+        kwargs = {"classes": [0, 1], **kwargs}
     with pytest.raises(exc, match=word):
         est(**kwargs).fit(X0, y)
 
 
 def test_estimator_invalid_data_and_unfitted():
-    with pytest.raises(ValueError, match="two classes"):
-        DPLogisticADMM().fit(X0, np.zeros(20))
+    with pytest.raises(ValueError, match="outside the declared classes"):
+        DPLogisticADMM(classes=[0, 1]).fit(X0, np.full(20, 3))
     with pytest.raises(ValueError, match="fit"):
         DPLassoADMM().predict(X0)
     m = DPLassoADMM(epsilon=None, clip=None, max_iter=2).fit(X0, Y0)
