@@ -16,6 +16,7 @@ to run more steps than were calibrated (:class:`dpkit.PrivacyBudgetExceeded`).
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn as nn
@@ -153,6 +154,9 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
                              "pass noise=CorrelatedNoise(banded(n, bands)) with bands <= its num_groups")
         accountant = matrix_accountant(noise, requested_accountant, noise_multiplier=noise_multiplier, sampling_prob=q,
                                        sampler=cyclic if cyclic is not None else "poisson")
+    elif getattr(noise, "is_test_probe", False):
+        warnings.warn(f"noise={type(noise).__name__} is a deterministic test probe: the run is NOT private "
+                      "and its printed ε does not describe it", UserWarning, stacklevel=2)
     elif noise is not None and not isinstance(noise, GaussianNoise):
         raise ValueError(f"make_private cannot account noise of type {type(noise).__name__}: give a "
                          "dpkit CorrelatedNoise (accounted by MMCC / amplified BandMF) or build the "

@@ -24,7 +24,7 @@ import torch
 _MASK = (1 << 64) - 1
 
 # stream tags (first key) keep the randomness of different roles apart
-NOISE, SAMPLER = 0x6E6F697365, 0x73616D706C
+NOISE, SAMPLER, LAZY_ROWS = 0x6E6F697365, 0x73616D706C, 0x6C617A79
 
 
 def splitmix64(x: int) -> int:

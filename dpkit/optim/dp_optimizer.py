@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from dpkit import _validate
-from dpkit.accountants import accumulated_poisson_event
+from dpkit.accountants import accumulated_poisson_event, dpsgd_event
 from dpkit.errors import AmbiguousStepError, PrivacyBudgetExceeded
 from dpkit.grad_sample.engine import GradientEngine
 from dpkit.mechanisms.noise import GaussianNoise, NoiseMechanism
@@ -242,10 +242,10 @@ class DPOptimizer(torch.optim.Optimizer):
             self._mid_logical_batch = True
             return loss
         if self.max_steps is not None and self.steps >= self.max_steps:
+            target = "" if self.target is None else f" to reach ε={self.target[0]} at δ={self.target[1]}"
             raise PrivacyBudgetExceeded(
-                f"noise_multiplier was calibrated for {self.max_steps} steps to reach ε={self.target[0]} at "
-                f"δ={self.target[1]}; step {self.steps + 1} would exceed that budget. Plan a longer run "
-                "(epochs=/steps=) when calling make_private.")
+                f"noise_multiplier was calibrated for {self.max_steps} steps{target}; step {self.steps + 1} "
+                "would exceed that budget. Plan a longer run (epochs=/steps=) when calling make_private.")
         event = self._event_of_this_step()
         self._mid_logical_batch = False
         self._check_all_gradients_seen()
@@ -300,6 +300,10 @@ class DPOptimizer(torch.optim.Optimizer):
         if self.target is not None:
             raise AmbiguousStepError(f"{k} Poisson batches were accumulated into one step, but σ was "
                                      f"calibrated for ONE batch per step to reach ε={self.target[0]}. {fix}.")
+        if self.step_event != dpsgd_event(self.noise_multiplier, self._loader.sample_rate, 1):
+            raise AmbiguousStepError(f"{k} Poisson batches were accumulated into one step of a mechanism other "
+                                     f"than plain DP-SGD (its event is {type(self.step_event).__name__}); "
+                                     f"dpkit accounts accumulation for DP-SGD only. {fix}.")
         event = accumulated_poisson_event(self.noise_multiplier, self._loader.sample_rate, k)
         if self.accountant is not None and not self.accountant.supports(event):
             raise AmbiguousStepError(f"{k} Poisson batches were accumulated into one step; accountant "
@@ -354,6 +358,9 @@ class DPOptimizer(torch.optim.Optimizer):
             "expected_batch_size": self.expected_batch_size,
             "lazy": self._lazy.state_dict() if self._lazy is not None else None,  # flushes first
             "sampler": self._loader.state_dict() if self._loader is not None else None,
+            "target": self.target,
+            # stateful contribution hooks (DiceSGD's hidden error state: PRIVATE, like the data)
+            "hooks": [h.state_dict() if hasattr(h, "state_dict") else None for h in self._contribution_hooks],
         }
         return state
 
@@ -367,21 +374,32 @@ class DPOptimizer(torch.optim.Optimizer):
             if abs(dp_state[key] - getattr(self, key)) > 1e-12 * max(1.0, abs(dp_state[key])):
                 raise ValueError(f"checkpoint was trained with {key}={dp_state[key]}; this optimizer "
                                  f"has {getattr(self, key)}. Build it with the same settings.")
+        hook_states = [st for st in dp_state.get("hooks") or [] if st is not None]
+        stateful = [h for h in self._contribution_hooks if hasattr(h, "load_state_dict")]
+        if len(hook_states) != len(stateful):
+            raise ValueError(f"checkpoint holds the state of {len(hook_states)} stateful contribution hook(s) "
+                             f"(e.g. DiceSGD error feedback); this optimizer has {len(stateful)}. Build it "
+                             "with the same error_feedback / audit settings.")
+        sampler = dp_state.get("sampler")
+        if self._loader is not None and sampler is None and dp_state["steps"] > 0 and \
+                self._loader.batch_sampler.seed_is_fixed:
+            raise ValueError("checkpoint holds no sampler state, and this optimizer's loader has a fixed "
+                             "seed: it would replay the batches the run already trained on. Start a new "
+                             "run or build the loader without a fixed seed.")
+        # checks done: restore (each part validates its own state before changing anything)
+        if self._loader is not None and sampler is not None:
+            self._loader.load_state_dict(sampler)
+        self.noise.load_state_dict(dp_state["noise"])
+        for hook, st in zip(stateful, hook_states):
+            hook.load_state_dict(st)
         self.original_optimizer.load_state_dict(state_dict)
         self.param_groups = self.original_optimizer.param_groups
         self.state = self.original_optimizer.state
         self.steps = dp_state["steps"]
         self.max_steps = dp_state.get("max_steps", self.max_steps)
-        self.noise.load_state_dict(dp_state["noise"])
-        sampler = dp_state.get("sampler")
-        if self._loader is not None:
-            if sampler is None and self.steps > 0 and self._loader.batch_sampler.seed_is_fixed:
-                raise ValueError("checkpoint holds no sampler state, and this optimizer's loader has a fixed "
-                                 "seed: it would replay the batches the run already trained on. Start a new "
-                                 "run or build the loader without a fixed seed.")
-            if sampler is not None:
-                self._loader.load_state_dict(sampler)
-        else:
+        if dp_state.get("target") is not None:
+            self.target = tuple(dp_state["target"])
+        if self._loader is None:
             self._pending_sampler = sampler
         self._draws_since_step = 0
         if self.accountant is not None and dp_state["accountant"] is not None:

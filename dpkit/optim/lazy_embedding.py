@@ -363,6 +363,7 @@ def build_lazy_embedding_noise(embedding_noise, *, optimizer, engine, noise, gen
             tracking of unclipped sums), each named.
     """
     from dpkit.mechanisms.lazy import CounterGaussianRowNoise
+    from dpkit.mechanisms.randomness import LAZY_ROWS, fresh_seed, mix, seed_from_generator
     from dpkit.mechanisms.noise import GaussianNoise
 
     if isinstance(embedding_noise, str):
@@ -390,7 +391,9 @@ def build_lazy_embedding_noise(embedding_noise, *, optimizer, engine, noise, gen
         raise ValueError("embedding_noise='lazy' cannot track unclipped sums (error feedback); "
                          "use embedding_noise='eager'")
     if row_noise is None:
-        row_noise = CounterGaussianRowNoise(int(torch.randint(0, 2**62, (1,), generator=generator)))
+        # keyed like every dpkit stream: the generator's seed (a stream of its own) or OS entropy
+        row_noise = CounterGaussianRowNoise(fresh_seed() if generator is None
+                                            else mix(seed_from_generator(generator), LAZY_ROWS))
     lazy = LazyEmbeddingNoise(optimizer, engine.model, row_noise=row_noise, noise_std=noise_std,
                               expected_batch_size=expected_batch_size,
                               names={id(p): engine.parameter_name(p) for p in engine.params})

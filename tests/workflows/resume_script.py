@@ -32,8 +32,9 @@ def build(init_seed: int, seed: int | None, secure: bool, **kw):
     model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 2)).double()
     opt = torch.optim.Adam(model.parameters(), lr=0.05)
     generator = None if seed is None else torch.Generator().manual_seed(seed)
-    return dpkit.make_private(model, opt, DataLoader(data(), batch_size=B), noise_multiplier=1.0,
-                              max_grad_norm=1.0, generator=generator, secure_mode=secure, **kw)
+    kw = {"noise_multiplier": 1.0, **kw}
+    return dpkit.make_private(model, opt, DataLoader(data(), batch_size=B), max_grad_norm=1.0,
+                              generator=generator, secure_mode=secure, **kw)
 
 
 def train(model, opt, loader, steps):

@@ -117,3 +117,36 @@ def test_checkpoint_of_another_sampler_is_refused(tmp_path):
     _, opt, _ = S.build(1, None, False)
     with pytest.raises(ValueError, match="does not match"):
         opt.load_state_dict(ck["opt"])
+
+
+def test_dicesgd_error_state_travels_in_the_optimizer_checkpoint(tmp_path):
+    """DiceSGD's hidden error state is part of optimizer.state_dict(): the resumed run is identical."""
+    kw = {"error_feedback": {"clip2": 0.05}}
+    model, opt, loader = S.build(0, 5, False, **kw)
+    S.train(model, opt, loader, 6)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ck.pt")
+    S.train(model, opt, loader, 6)
+    model2, opt2, loader2 = S.build(1, 5, False, **kw)
+    ck = torch.load(tmp_path / "ck.pt", weights_only=False)
+    model2.load_state_dict(ck["model"])
+    opt2.load_state_dict(ck["opt"])
+    S.train(model2, opt2, loader2, 6)
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+    # the error state is required: an optimizer built without error feedback refuses the checkpoint
+    _, plain, _ = S.build(1, 5, False)
+    with pytest.raises(ValueError, match="error_feedback"):
+        plain.load_state_dict(ck["opt"])
+
+
+def test_calibrated_checkpoint_keeps_its_budget_guard_when_resumed_without_a_target(tmp_path):
+    kw = dict(noise_multiplier=None, target_epsilon=4.0, target_delta=1e-5, steps=8)
+    model, opt, loader = S.build(0, 5, False, **kw)
+    S.train(model, opt, loader, 8)
+    state = opt.state_dict()
+    model2, opt2, _ = S.build(1, 5, False, noise_multiplier=opt.noise_multiplier)  # same σ, no target
+    opt2.load_state_dict(state)
+    x = torch.randn(4, 5, dtype=torch.float64)
+    torch.nn.functional.cross_entropy(model2(x), torch.zeros(4, dtype=torch.long)).backward()
+    with pytest.raises(dpkit.PrivacyBudgetExceeded, match="8 steps to reach ε=4.0"):
+        opt2.step()
