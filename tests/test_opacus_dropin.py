@@ -244,6 +244,20 @@ def test_checkpoint_round_trip_restores_ledger_and_steps(tmp_path):
     assert len(engine2.accountant) == 4 and engine2.get_epsilon(DELTA) > eps
 
 
+@pytest.mark.parametrize("name", ["rdp", "gdp", "pld"])
+def test_accountant_names(name):
+    engine, args = _setup(PrivacyEngine(accountant=name))
+    model, optimizer, loader = engine.make_private(**args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                # "gdp" warns that it is an approximation
+        _train(model, optimizer, loader, 2)
+        eps = engine.get_epsilon(DELTA)
+    assert engine.accountant.mechanism() == name and engine.accountant.dpkit_accountant.name == name
+    assert optimizer.accountant is engine.accountant.dpkit_accountant and len(engine.accountant) == 2
+    if name == "pld":
+        assert eps == pytest.approx(pld_epsilon(1.0, 0.25, 2), rel=1e-3)
+
+
 def test_compatibility_helpers():
     bn_model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))
     engine = PrivacyEngine()

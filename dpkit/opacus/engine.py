@@ -162,7 +162,7 @@ class PrivacyEngine:
             Gopi et al. 2021 via ``prv_accountant``), ``"rdp"`` (Rényi DP, Mironov et al. 2019),
             ``"gdp"`` (μ-GDP central-limit approximation, may under-state ε; warns) or ``"pld"``
             (dpkit's default, exact privacy loss distributions via ``dp_accounting``).
-        secure_mode: draw the noise from OS entropy (dpkit needs no ``torchcsprng``).
+        secure_mode: draw noise and sampling from OS entropy (dpkit needs no ``torchcsprng``).
 
     Raises:
         ValueError: unknown ``accountant``. TypeError: non-bool ``secure_mode``.
