@@ -294,21 +294,25 @@ class GradientEngine:
                 raise ValueError(f"n must be >= 0; got {n}")
         self._expected = n
 
-    def set_batch_axis(self, module_name: str, axis: int) -> None:
-        """Declare that the batch is on ``axis`` of the tensors of module ``module_name``.
+    def set_batch_axis(self, axis: int, module_name: str | None = None) -> None:
+        """Declare that the batch is on ``axis`` of the tensors of module ``module_name`` (None:
+        of every position-wise layer without a declaration of its own).
 
-        Needed only where dpkit refuses a step as ambiguous (a position-wise layer with several
-        axes of the batch's size and no earlier batch proving which one holds the examples).
+        Needed only where dpkit refuses a step as ambiguous: a position-wise layer (Linear,
+        LayerNorm, RMSNorm, Embedding) with several axes of the batch's size and no earlier batch
+        proving which one holds the examples — e.g. a batch-first model whose batches have as many
+        examples as positions (B == T) from the first step on. Axis 0 on an embedding fed ids of
+        shape (1, T) declares them broadcast over the batch.
 
         Raises:
             ValueError: unknown module name or negative axis.
         """
-        names = {name for name, _, _ in self._owners}
-        if module_name not in names:
-            raise ValueError(f"module_name must name a module with parameters; got {module_name!r} "
-                             f"(known: {sorted(names)})")
         if isinstance(axis, bool) or not isinstance(axis, int) or axis < 0:
             raise ValueError(f"axis must be a non-negative int; got {axis!r}")
+        names = {name for name, _, _ in self._owners}
+        if module_name is not None and module_name not in names:
+            raise ValueError(f"module_name must name a module with parameters or be None; got "
+                             f"{module_name!r} (known: {sorted(names)})")
         self._declared_axes[module_name] = axis
 
     @contextlib.contextmanager
@@ -395,8 +399,13 @@ class GradientEngine:
         if n is None or n <= 1 or type(module) is not nn.Embedding:
             return t
         lead = t.shape if ids else t.shape[:-1]
-        if len(lead) < 2 or lead[0] != 1 or n in lead:
-            return t  # not broadcast (or the batch is on another axis)
+        if len(lead) < 2 or lead[0] != 1:
+            return t
+        name = self._owner_names.get(id(module))
+        known = self._declared_axes.get(name, self._declared_axes.get(
+            None, self._proven_axes.get((id(module), len(lead) + 1))))
+        if n in lead and known != 0:
+            return t  # (1, T) with T == n: broadcast or time-major? _batch_first decides or refuses
         return t.expand(n, *t.shape[1:])
 
     def _record(self, module, record) -> None:
@@ -602,7 +611,7 @@ class GradientEngine:
         if name in self._declared_axes:
             return self._declared_axes[name]
         if type(rule) in _POSITIONWISE:
-            return self._ancestor_axes.get(name)
+            return self._ancestor_axes.get(name, self._declared_axes.get(None))
         return 0
 
     def _inferred_batch(self, uses) -> tuple[int, bool]:
@@ -636,20 +645,34 @@ class GradientEngine:
                     f"examples on its batch axis {fixed}, but {source} says {n}; dpkit needs every "
                     "layer's batch on the axis its API fixes (batch_first for RNN/attention/"
                     "Transformer layers, axis 0 otherwise), or declare it with "
-                    "engine.set_batch_axis(name, axis)")
+                    "engine.set_batch_axis(axis, name)")
             axis = fixed
         else:
             k = g.dim() - _POSITIONWISE[type(rule)](module)
             matches = [ax for ax in range(k) if g.shape[ax] == n]
+            proven = self._proven_axes.get((id(module), g.dim()))
+            if n > 1 and g.shape[0] == 1 and matches and proven not in matches:
+                # size 1 on axis 0: a batch-broadcast input (position ids (1, T) with T == n) looks
+                # exactly like a time-major tensor with one time step
+                raise AmbiguousStepError(
+                    f"module {name!r} saw tensors of shape {tuple(g.shape)}: axis 0 has size 1 and "
+                    f"axes {matches} have the batch's size {n}; this is either an input broadcast "
+                    "over the batch (e.g. position ids of shape (1, T) with T == batch size) or a "
+                    "time-major tensor, and guessing would clip the wrong groups. Declare it: "
+                    f"engine.set_batch_axis(0, {name!r}) for a broadcast input (with expect_batch(n) "
+                    "declared, dpkit expands it), or the batch's axis for a time-major layer.")
             if len(matches) == 1 or (matches and n <= 1):
                 axis = matches[0]
                 self._proven_axes[(id(module), g.dim())] = axis
             elif not matches:
                 raise RuntimeError(
                     f"module {name!r} saw tensors of shape {tuple(g.shape)} with no axis of "
-                    f"{n} examples, but {source} says {n}; every layer must see the whole batch")
-            elif self._proven_axes.get((id(module), g.dim())) in matches:
-                axis = self._proven_axes[(id(module), g.dim())]
+                    f"{n} examples, but {source} says {n}; every layer must see the whole batch "
+                    "(an embedding fed ids broadcast over the batch, e.g. position ids (1, T), is "
+                    "handled when the batch size is declared: dpkit's data loader does it, or call "
+                    "engine.expect_batch(n) before the forward pass)")
+            elif proven in matches:
+                axis = proven
             elif convention and matches[0] == 0:
                 axis = 0
             else:
@@ -657,9 +680,9 @@ class GradientEngine:
                     f"module {name!r} saw tensors of shape {tuple(g.shape)}: axes {matches} all have "
                     f"the batch's size {n}, and no earlier batch proved which one holds the examples "
                     "(e.g. a time-major (T, B, d) input with T == B). Guessing would clip per time "
-                    f"step instead of per example. Declare it: engine.set_batch_axis({name!r}, axis) "
-                    "(optimizer.engine for a DPOptimizer), or use batches whose size differs from "
-                    "the other axes.")
+                    f"step instead of per example. Declare it: engine.set_batch_axis(axis, {name!r}), "
+                    "or engine.set_batch_axis(0) for a batch-first model (optimizer.engine for a "
+                    "DPOptimizer); one batch whose size differs from the other axes also proves it.")
         if isinstance(rule, FunctorchFallback):
             return captured, grads
         if axis != 0:

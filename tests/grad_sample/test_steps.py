@@ -181,11 +181,10 @@ def test_time_major_mlp_with_t_equal_b_and_no_proof_is_refused():
     engine = GradientEngine(model, max_grad_norm=1.0)
     engine.expect_batch(5)
     _seq_loss(model, (torch.randn(5, 5, 4), torch.randn(5, 5, 2))).backward()
-    with pytest.raises(AmbiguousStepError, match=r"module 'net.0'.*set_batch_axis"):
+    with pytest.raises(AmbiguousStepError, match=r"module 'net.0'.*set_batch_axis\(axis, 'net.0'\)"):
         engine.accumulate()
-    engine.set_batch_axis("net.0", 1)
     with pytest.raises(ValueError, match="module_name"):
-        engine.set_batch_axis("nope", 1)
+        engine.set_batch_axis(1, "nope")
 
 
 @pytest.mark.parametrize("T", [5, 7])
@@ -328,3 +327,36 @@ def test_batch_broadcast_position_ids_are_exact(mode):
     _seq_loss(model, (ids, y)).backward()
     assert engine.accumulate() == 8
     _assert_matches(engine, model, expected)
+
+
+@pytest.mark.parametrize("mode", ["bk", "per_sample"])
+def test_broadcast_position_ids_with_t_equal_b_are_refused_until_known(mode):
+    """(1, T) ids with T == n look like a time-major tensor with one time step: never guessed."""
+    torch.manual_seed(12)
+    model = _PositionalLM()
+    ids, y = torch.randint(0, 9, (5, 5)), torch.randn(5, 5, 3)
+    expected = clipped_sum(per_example_grads(model, (ids, y), _seq_loss), 0.05)
+    engine = GradientEngine(model, max_grad_norm=0.05, mode=mode, loss_reduction="sum")
+    engine.expect_batch(5)
+    _seq_loss(model, (ids, y)).backward()
+    with pytest.raises(AmbiguousStepError, match=r"module 'wte'.*axes \[0, 1\]"):  # B == T
+        engine.accumulate()
+    engine.set_batch_axis(0, "wte")
+    engine.set_batch_axis(0, "out")
+    _seq_loss(model, (ids, y)).backward()
+    with pytest.raises(AmbiguousStepError, match=r"module 'wpe'.*set_batch_axis\(0, 'wpe'\)"):
+        engine.accumulate()
+    for declare in (True, False):  # declared, then proven by a batch with T != n
+        engine.reset()
+        if declare:
+            engine.set_batch_axis(0)  # every position-wise layer: batch first
+        else:
+            engine._declared_axes.clear()
+            engine.expect_batch(3)
+            _seq_loss(model, (ids[:3], y[:3])).backward()
+            engine.accumulate()
+            engine.reset()
+            engine.expect_batch(5)
+        _seq_loss(model, (ids, y)).backward()
+        assert engine.accumulate() == 5
+        _assert_matches(engine, model, expected)
