@@ -67,8 +67,23 @@ def _worker(rank, world, init_file, out_dir):
         (zmodel(x) * 0.0).sum().backward()
         zopt.step()
         after = torch.cat([p.detach().reshape(-1) for p in zmodel.parameters()])
+        # the usual script: equal global seeds on every rank, no generator= (review: both ranks drew
+        # identical Poisson coins on their shards, and the guard meant to refuse this never fired)
+        torch.manual_seed(0)
+        dmodel = _model()
+        dmodel, dopt, dloader = dpkit.make_private(
+            dmodel, torch.optim.SGD(dmodel.parameters(), lr=LR), DataLoader(_dataset(), batch_size=B),
+            noise_multiplier=SIGMA, max_grad_norm=CLIP, distributed=True)
+        default_positions = []
+        for step, (x, y, idx) in enumerate(dloader):
+            dopt.zero_grad()
+            torch.nn.functional.cross_entropy(dmodel(x), y).backward()
+            dopt.step()
+            default_positions.append(sorted(i // world for i in idx.tolist()))  # position in the shard
         torch.save({"params": [p.detach().clone() for p in model.parameters()], "batches": batches,
-                    "noise_update": (after - before).double()}, os.path.join(out_dir, f"rank{rank}.pt"))
+                    "noise_update": (after - before).double(),
+                    "default_params": [p.detach().clone() for p in dmodel.parameters()],
+                    "default_positions": default_positions}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -127,3 +142,13 @@ def test_noise_is_added_exactly_once(ranks):
     assert stats.chi2.ppf(1e-4, d) < chi2 < stats.chi2.ppf(1 - 1e-4, d)
     # two independent draws (noise on each rank) would double the variance: far outside the interval
     assert stats.chi2.ppf(1 - 1e-4, d) < 2 * d * 0.9
+
+
+def test_default_seeds_agree_on_noise_and_draw_independent_coins_per_rank(ranks):
+    """Without generator=: rank 0's OS-entropy seed is broadcast (same noise, same parameters on every
+    rank) and each rank draws its own coins (a shared global seed no longer gives equal coins)."""
+    for a, b in zip(ranks[0]["default_params"], ranks[1]["default_params"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    pos0, pos1 = ranks[0]["default_positions"], ranks[1]["default_positions"]
+    assert len(pos0) == len(pos1) == N // B
+    assert sum(a == b for a, b in zip(pos0, pos1) if a or b) == 0
