@@ -46,6 +46,8 @@ def dp_proximal_sgd(X, y, grad_fn, reg_prox, *, noise_multiplier, clip, learning
 
     Raises:
         ValueError / TypeError: invalid arguments.
+
+    Resume: one call without a checkpoint; a restart is a new run and a new release.
     """
     X, y = _check_data(X, y)
     n, p = X.shape

@@ -58,6 +58,9 @@ class ADMMResult:
             ``4 lambda L`` for a user's update.
         released: last released aggregate ``w`` (centralized) or ``mean_i u_i`` (other variants).
         history: consensus model after each round (rounds for decentralized = passes), if recorded.
+        seed: run seed; round t's sampling and noise come from the stream keyed by (seed, t).
+        rounds: rounds (passes for decentralized) completed.
+        settings: the arguments that a resumed run must repeat (checked by ``resume=``).
     """
 
     coef: np.ndarray
@@ -69,6 +72,20 @@ class ADMMResult:
     sensitivity: float
     released: np.ndarray
     history: list = field(default_factory=list)
+    seed: int = 0
+    rounds: int = 0
+    settings: dict = field(default_factory=dict)
+
+    def state_dict(self) -> dict:
+        """Checkpoint for ``private_admm(..., resume=state)``: seed, rounds done, the users'
+        states ``u``, the released aggregate and the run's settings.
+
+        SECRET: ``u`` holds every user's exact (un-noised) state and the seed regenerates the
+        noise; store it as privately as the data (``pickle`` / ``torch.save``).
+        """
+        return {"seed": self.seed, "rounds": self.rounds, "duals": self.duals.copy(),
+                "released": self.released.copy(), "history": [h.copy() for h in self.history],
+                "settings": dict(self.settings)}
 
 
 def _check_data(X, y):
@@ -103,9 +120,15 @@ def _clip_rows(D, clip):
     return D * np.minimum(1.0, clip / np.maximum(norms, 1e-300))
 
 
+def _round_rng(seed: int, t: int) -> np.random.Generator:
+    # counter-based: round t's draws depend on (seed, t) only, so a resumed run continues the
+    # uninterrupted run's streams and never replays round 0's
+    return np.random.default_rng(np.random.SeedSequence([seed, t]))
+
+
 def private_admm(X, y, loss_prox, reg_prox, *, noise_multiplier, clip, variant="centralized",
                  relaxation=0.5, step=1.0, max_iter=100, sampling_rate=None, penalized=None,
-                 rng=None, record_history=False) -> ADMMResult:
+                 rng=None, record_history=False, resume=None) -> ADMMResult:
     """Run private consensus ADMM (noisy relaxed Douglas-Rachford) on one record per user.
 
     Args:
@@ -123,9 +146,14 @@ def private_admm(X, y, loss_prox, reg_prox, *, noise_multiplier, clip, variant="
         sampling_rate: client sampling probability ``q`` in (0, 1] (``"federated"`` only; required there).
         penalized: optional boolean mask (p,) of coordinates the regulariser acts on.
         rng: randomness of sampling and noise: None (default: OS entropy), a
-            ``numpy.random.Generator`` (the caller's responsibility), or an int seed for tests
-            (emits ``SeededRandomnessWarning``).
+            ``numpy.random.Generator`` (the caller's responsibility; the run seed is drawn from
+            it), or an int seed for tests (emits ``SeededRandomnessWarning``). Round t uses the
+            stream keyed by (seed, t).
         record_history: keep the consensus model after every round.
+        resume: ``ADMMResult.state_dict()`` of an interrupted run with the same data and
+            settings: rounds ``state["rounds"]`` .. ``max_iter``−1 are run, with the checkpoint's
+            seed, exactly as the uninterrupted run of ``max_iter`` rounds would run them. ``rng``
+            must then be None.
 
     Returns:
         :class:`ADMMResult`.
@@ -133,9 +161,11 @@ def private_admm(X, y, loss_prox, reg_prox, *, noise_multiplier, clip, variant="
     Raises:
         ValueError / TypeError: invalid arguments.
 
-    Resume: one call, no checkpoint; an interrupted run cannot be continued. The accounting
-    (:func:`~dpkit.admm.admm_epsilon`) is for the whole run of ``max_iter`` rounds — for the
-    centralized variant the sensitivity grows with t — so a restart is a new run and a new release.
+    Resume: run ``max_iter = k`` rounds, keep ``result.state_dict()``, then call again with the
+    full ``max_iter`` and ``resume=state``. ``result.steps`` always counts the rounds run so far
+    from round 0, so :func:`~dpkit.admm.admm_epsilon` of it accounts the whole run (for the
+    centralized variant the sensitivity grows with t: the account is that of one run of
+    ``steps`` rounds, not of two runs). A restart WITHOUT ``resume`` is a new run and a new release.
     """
     X, y = _check_data(X, y)
     n, p = X.shape
@@ -161,16 +191,33 @@ def private_admm(X, y, loss_prox, reg_prox, *, noise_multiplier, clip, variant="
         penalized = np.asarray(penalized, dtype=bool)
         if penalized.shape != (p,):
             raise ValueError(f"penalized must be a boolean mask of shape ({p},); got {penalized.shape}")
-    rng = as_generator("rng", rng)
+    settings = {"variant": variant, "shape": (n, p), "noise_multiplier": sigma, "clip": L,
+                "relaxation": lam, "step": step, "sampling_rate": q}
+    if resume is None:
+        seed = (int(rng.integers(2**63)) if isinstance(rng, np.random.Generator)
+                else resolve_seed("rng", rng))
+        start, u, w, history = 0, np.zeros((n, p)), np.zeros(p), []
+    else:
+        if rng is not None:
+            raise ValueError("rng must be None with resume= (the checkpoint holds the run seed); "
+                             f"got {rng!r}")
+        if not isinstance(resume, dict) or "settings" not in resume:
+            raise TypeError("resume must be a dict from ADMMResult.state_dict()")
+        if resume["settings"] != settings:
+            raise ValueError("resume must come from a run with the same data shape and settings; "
+                             f"checkpoint {resume['settings']!r}, this call {settings!r}")
+        start = int(resume["rounds"])
+        if start > max_iter:
+            raise ValueError(f"max_iter must be >= the {start} rounds already run; got {max_iter}")
+        seed, u, w = int(resume["seed"]), np.array(resume["duals"], dtype=float), np.array(resume["released"], dtype=float)
+        history = [np.array(h) for h in resume["history"]]
 
     user_sens = 4.0 * lam * L if np.isfinite(L) else float("inf")
     sens = user_sens / n if variant == "centralized" else user_sens
     noise_std = sigma * sens if sigma > 0 else 0.0
-    u = np.zeros((n, p))
-    w = np.zeros(p)  # the public aggregate: mean of u, plus the curator's noise if centralized
-    history = []
+    # w: the public aggregate, mean of u plus the curator's noise if centralized
 
-    def update(idx, z, local_std):
+    def update(idx, z, local_std, rng):
         # one KM step for the users in idx (local noise for federated / decentralized)
         x = np.asarray(loss_prox(2.0 * z - u[idx], step, X[idx], y[idx]), dtype=float)
         if x.shape != (idx.size, p) or not np.all(np.isfinite(x)):
@@ -184,9 +231,10 @@ def private_admm(X, y, loss_prox, reg_prox, *, noise_multiplier, clip, variant="
 
     if variant == "decentralized":
         steps = max_iter * n
-        for _ in range(max_iter):
+        for t in range(start, max_iter):
+            rng = _round_rng(seed, t)
             for k in rng.integers(n, size=n):
-                du = update(np.array([k]), reg_prox(w, step, penalized), noise_std)
+                du = update(np.array([k]), reg_prox(w, step, penalized), noise_std, rng)
                 u[k] += du[0]
                 w = w + du[0] / n
             if record_history:
@@ -195,10 +243,11 @@ def private_admm(X, y, loss_prox, reg_prox, *, noise_multiplier, clip, variant="
         steps = max_iter
         everyone = np.arange(n)
         local_std = noise_std if variant == "federated" else 0.0
-        for _ in range(max_iter):
+        for t in range(start, max_iter):
+            rng = _round_rng(seed, t)
             idx = everyone if variant == "centralized" else np.flatnonzero(rng.random(n) < q)
             if idx.size:
-                u[idx] += update(idx, reg_prox(w, step, penalized), local_std)
+                u[idx] += update(idx, reg_prox(w, step, penalized), local_std, rng)
             w = u.mean(axis=0)
             if variant == "centralized" and noise_std > 0:
                 w = w + noise_std * rng.standard_normal(p)
@@ -206,4 +255,4 @@ def private_admm(X, y, loss_prox, reg_prox, *, noise_multiplier, clip, variant="
                 history.append(reg_prox(w, step, penalized))
     return ADMMResult(coef=reg_prox(w, step, penalized), duals=u, steps=steps, sampling_rate=q,
                       noise_multiplier=sigma, noise_std=noise_std, sensitivity=sens, released=w,
-                      history=history)
+                      history=history, seed=seed, rounds=max_iter, settings=settings)
