@@ -426,7 +426,10 @@ class GradientEngine:
             if last is not None and last.has_grad:
                 gen = self._new_generation()
         record.gen, record.module = gen, module
-        gen.uses.setdefault(module, []).append(weakref.ref(record))
+        uses = gen.uses.setdefault(module, [])
+        if uses and uses[-1]() is None:  # drop uses whose graph is gone (calls never backpropagated)
+            uses[:] = [u for u in uses if u() is not None]
+        uses.append(weakref.ref(record))
 
     def _new_generation(self) -> _Generation:
         self._generation += 1
@@ -436,8 +439,8 @@ class GradientEngine:
         return self._current
 
     def _attention_capture(self, module):
-        def capture(inputs):
-            if not self._capturing() or not _any_trainable(module, False):
+        def capture(inputs):  # out_proj is called by the BK forward only: capture if anything trains
+            if not self._capturing() or not _any_trainable(module, True):
                 return None
             record = _Record(inputs, 3)
             self._record(module, record)
@@ -663,7 +666,8 @@ class GradientEngine:
                     "declared, dpkit expands it), or the batch's axis for a time-major layer.")
             if len(matches) == 1 or (matches and n <= 1):
                 axis = matches[0]
-                self._proven_axes[(id(module), g.dim())] = axis
+                if not convention and n > 1:  # a proof only when n did not come from axis 0 itself
+                    self._proven_axes[(id(module), g.dim())] = axis
             elif not matches:
                 raise RuntimeError(
                     f"module {name!r} saw tensors of shape {tuple(g.shape)} with no axis of "

@@ -360,3 +360,26 @@ def test_broadcast_position_ids_with_t_equal_b_are_refused_until_known(mode):
         _seq_loss(model, (ids, y)).backward()
         assert engine.accumulate() == 5
         _assert_matches(engine, model, expected)
+
+
+def test_dp_optimizer_delegates_the_declarations():
+    import dpkit
+    torch.manual_seed(13)
+    model = _mlp()
+    x, x_aug, y = torch.randn(4, 4), torch.randn(4, 4), torch.randint(0, 3, (4,))
+    expected = clipped_sum(per_example_grads(model, (x, x_aug, y), lambda m, i: _multi_view_loss(m, *i, 2)), 0.1)
+    _, opt, _ = dpkit.make_private(model, torch.optim.SGD(model.parameters(), lr=0.0), None,
+                                   noise_multiplier=0.0, max_grad_norm=0.1, sample_rate=0.5,
+                                   expected_batch_size=4)
+    opt.engine.loss_reduction = "sum"
+    opt.zero_grad()
+    _multi_view_loss(model, x, x_aug, y, 2).backward()
+    with pytest.raises(AmbiguousStepError, match="same_examples"):
+        opt.step()
+    opt.zero_grad()
+    with opt.same_examples():
+        loss = _multi_view_loss(model, x, x_aug, y, 2)
+    loss.backward()
+    opt.step()
+    for p in model.parameters():
+        torch.testing.assert_close(p.grad * 4, expected[id(p)], rtol=1e-7, atol=1e-9)
