@@ -30,7 +30,8 @@ def test_register_refuses_silent_override(monkeypatch):
     with pytest.raises(ValueError, match="already registered"):
         register_accountant("coarse", Coarse)
     register_accountant("coarse", Coarse, overwrite=True)
-    assert make_accountant("coarse")._config() == {"value_discretization_interval": 1e-3}
+    assert make_accountant("coarse")._config() == {"value_discretization_interval": None,
+                                                   "relative_tolerance": 5e-4}
 
 
 @pytest.mark.parametrize("call, exc, match", [
