@@ -23,7 +23,6 @@ from dp_accounting import dp_event
 
 from dpkit.accountants import make_accountant
 from dpkit.grad_sample import check_model, replace_batchnorm
-from dpkit.optim.dp_optimizer import DPOptimizer
 from dpkit.privacy_engine import make_private as _dpkit_make_private
 
 __all__ = ["PrivacyEngine", "AccountantView"]
@@ -130,28 +129,6 @@ class _ReducedLoss:
     def __call__(self, *args, **kwargs):
         losses = self.criterion(*args, **kwargs)
         return losses.mean() if self.loss_reduction == "mean" else losses.sum()
-
-
-class _FixedNoiseDPOptimizer(DPOptimizer):
-    """The DPOptimizer of a drop-in run, with ``noise_multiplier`` read-only.
-
-    Opacus scripts keep importing ``opacus.schedulers``, whose noise schedulers assign
-    ``optimizer.noise_multiplier``; on a DPOptimizer that would change the noise while the ledger
-    keeps composing the event of the σ set by make_private (ε silently under-stated).
-    """
-
-    @property
-    def noise_multiplier(self) -> float:
-        return self.__dict__["noise_multiplier"]
-
-    @noise_multiplier.setter
-    def noise_multiplier(self, value) -> None:
-        if "noise_multiplier" in self.__dict__:
-            raise AttributeError("noise_multiplier is fixed for a dpkit run: the accountant composes the DP "
-                                 "event of the σ set by make_private, so changing it (e.g. with an Opacus "
-                                 "noise scheduler) would add less noise than is accounted. Train with a "
-                                 "constant noise_multiplier")
-        self.__dict__["noise_multiplier"] = value
 
 
 class PrivacyEngine:
@@ -311,7 +288,6 @@ class PrivacyEngine:
             accountant=_ACCOUNTANTS[self.accountant.mechanism()], poisson_sampling=poisson_sampling,
             clip_scope=clip_scope, loss_reduction=loss_reduction, secure_mode=self.secure_mode,
             generator=noise_generator, **noise)
-        dp_optimizer.__class__ = _FixedNoiseDPOptimizer  # refuse σ changes behind the ledger (Opacus schedulers)
         self._optimizer = dp_optimizer
         self.accountant._bind(dp_optimizer, dp_loader.sample_rate)
         if wrap_model:

@@ -72,7 +72,7 @@ class DPOptimizer(torch.optim.Optimizer):
             raise TypeError("optimizer is already a DPOptimizer; wrap the base optimizer once")
         if not isinstance(engine, GradientEngine):
             raise TypeError(f"engine must be a dpkit GradientEngine; got {type(engine).__name__}")
-        self.noise_multiplier = _validate.non_negative("noise_multiplier", noise_multiplier)
+        self._noise_multiplier = _validate.non_negative("noise_multiplier", noise_multiplier)
         self.expected_batch_size = _validate.positive("expected_batch_size", expected_batch_size)
         if noise is None:
             noise = GaussianNoise(generator, secure_mode=secure_mode)
@@ -140,8 +140,32 @@ class DPOptimizer(torch.optim.Optimizer):
                         "from model.parameters() of the same model.")
 
     @property
+    def noise_multiplier(self) -> float:
+        """σ of the run: fixed, because the accountant composes the event of THIS σ every step."""
+        return self._noise_multiplier
+
+    @noise_multiplier.setter
+    def noise_multiplier(self, value) -> None:
+        raise AttributeError("noise_multiplier is fixed for a dpkit run: the accountant composes the DP event "
+                             "of the σ the optimizer was built with, so changing it (e.g. with a noise "
+                             "scheduler) would add less noise than is accounted. Train with a constant σ.")
+
+    @property
     def max_grad_norm(self) -> float:
+        """C of the run: fixed, because the noise std σ·C and the sensitivity C are accounted together."""
         return self.engine.max_grad_norm
+
+    @max_grad_norm.setter
+    def max_grad_norm(self, value) -> None:
+        raise AttributeError("max_grad_norm is fixed for a dpkit run (the noise is σ·C and the account assumes "
+                             "that C); build a new make_private setup to change it.")
+
+    def _recalibrate(self, noise_multiplier: float, step_event) -> None:
+        """Replace σ and the per-step event together, before the first step (DiceSGD calibration)."""
+        if self.steps > 0:
+            raise RuntimeError("σ can only be re-calibrated before the first step")
+        self._noise_multiplier = _validate.non_negative("noise_multiplier", noise_multiplier)
+        self.step_event = step_event
 
     @property
     def params(self) -> list[torch.Tensor]:

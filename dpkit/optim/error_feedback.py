@@ -318,10 +318,11 @@ def attach_error_feedback(optimizer, *, clip2, sampling_prob, noise_split=None) 
     if optimizer.target is not None and optimizer.max_steps is not None:
         eps, delta = optimizer.target
         accountant = optimizer.accountant if optimizer.accountant is not None else "pld"
-        optimizer.noise_multiplier = calibrate_dicesgd_noise(eps, delta, q, optimizer.max_steps,
-                                                             accountant=accountant, **kwargs)
+        sigma = calibrate_dicesgd_noise(eps, delta, q, optimizer.max_steps, accountant=accountant, **kwargs)
+    else:
+        sigma = optimizer.noise_multiplier
     feedback = ErrorFeedback(optimizer, clip2=clip2)
-    optimizer.step_event = dicesgd_event(optimizer.noise_multiplier, q, 1, **kwargs)
+    optimizer._recalibrate(sigma, dicesgd_event(sigma, q, 1, **kwargs))
     if optimizer.accountant is not None and not optimizer.accountant.supports(optimizer.step_event):
         raise ValueError(f"accountant {optimizer.accountant.name!r} cannot account DiceSGD steps; "
                          "use 'pld', 'rdp' or 'prv'")

@@ -402,3 +402,14 @@ def test_submodule_calls_without_root_forward_are_not_merged_across_batches():
     # would form ONE example (G - G/2) clipped to norm 1, a non-zero sum
     assert engine.examples_seen == 2
     torch.testing.assert_close(engine.clipped_sum(lin.weight), torch.zeros(2, 3))
+
+
+def test_noise_multiplier_and_clip_norm_are_fixed_for_the_run():
+    """A noise/clip scheduler would change the mechanism behind the ledger's back: refused."""
+    model = _mlp()
+    _, opt, _ = _private(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(AttributeError, match="noise_multiplier is fixed"):
+        opt.noise_multiplier = 0.01
+    with pytest.raises(AttributeError, match="max_grad_norm is fixed"):
+        opt.max_grad_norm = 10.0
+    assert opt.noise_multiplier == 1.0 and opt.max_grad_norm == 1.0
