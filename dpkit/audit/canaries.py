@@ -145,7 +145,8 @@ class CanaryAuditor:
         to continue the audit in a new process (the directions are regenerated from the seed)."""
         return {"seed": self.seed, "num_canaries": self.num_canaries, "num_unseen": self.num_unseen,
                 "sampling_rate": self.sampling_rate, "dim": self.dim,
-                "theta0": self._theta0.detach().cpu().clone(), "inclusions": self.inclusions.copy()}
+                "theta0": self._theta0.detach().cpu().clone(),
+                "inclusions": torch.from_numpy(self.inclusions.copy())}  # tensors: weights_only loads
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` into an auditor built on the resumed optimizer.
@@ -163,7 +164,7 @@ class CanaryAuditor:
         self.seed = int(state["seed"])
         self._directions = self._make_directions(self._directions.device)
         self._theta0 = torch.as_tensor(state["theta0"]).to(self._theta0.device, self._theta0.dtype).clone()
-        self.inclusions = np.asarray(state["inclusions"], dtype=np.int64).copy()
+        self.inclusions = torch.as_tensor(state["inclusions"]).numpy().astype(np.int64)
 
     def remove(self) -> None:
         """Stop inserting canaries (the recorded θ_0 and the directions are kept)."""

@@ -140,8 +140,8 @@ class FederatedSimulation:
         """
         return {"server": self.server.state_dict(),
                 "canary_seed": None if self.canaries is None else self.canaries.seed,
-                "initial": self._initial.copy(),
-                "round_updates": [u.copy() for u in self._round_updates],
+                "initial": torch.from_numpy(self._initial.copy()),   # tensors: torch.load(weights_only=True) works
+                "round_updates": [torch.from_numpy(u.copy()) for u in self._round_updates],
                 "history": [dict(r) for r in self.history]}
 
     def load_state_dict(self, state: dict) -> None:
@@ -157,14 +157,14 @@ class FederatedSimulation:
         if (state["canary_seed"] is None) != (self.canaries is None):
             raise ValueError("state must come from a simulation with the same num_canaries; got a state "
                              f"{'without' if state['canary_seed'] is None else 'with'} canaries")
-        initial = np.asarray(state["initial"], dtype=np.float64)
+        initial = torch.as_tensor(state["initial"], dtype=torch.float64).numpy()
         if initial.shape != (self.dim,):
             raise ValueError(f"state must be for a model with {self.dim} parameters; got {initial.shape[0]}")
         self.server.load_state_dict(state["server"])
         if self.canaries is not None:
             self.canaries = Canaries(self.num_canaries, self.dim, seed=state["canary_seed"])
         self._initial = initial.copy()
-        self._round_updates = [np.asarray(u, dtype=np.float64).copy() for u in state["round_updates"]]
+        self._round_updates = [torch.as_tensor(u, dtype=torch.float64).numpy().copy() for u in state["round_updates"]]
         self.history = [dict(r) for r in state["history"]]
 
     def run(self, rounds) -> list[dict]:

@@ -174,7 +174,7 @@ def test_auditor_resumed_from_disk_equals_the_uninterrupted_audit(tmp_path):
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "audit": first.state_dict()},
                tmp_path / "ckpt.pt")
     del model, opt, first
-    state = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     model, opt = _resumable_run()
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["opt"])

@@ -144,7 +144,7 @@ def test_simulation_interrupted_and_resumed_equals_uninterrupted_bit_for_bit(tmp
     torch.save(part.state_dict(), tmp_path / "sim.pt")
     del part
     resumed = _float64_sim()  # fresh object, default (entropy) seed: the checkpoint's seed wins
-    resumed.load_state_dict(torch.load(tmp_path / "sim.pt", weights_only=False))
+    resumed.load_state_dict(torch.load(tmp_path / "sim.pt", weights_only=True))
     resumed.run(3)
 
     for p, q in zip(whole.server.params, resumed.server.params):
@@ -206,3 +206,21 @@ def test_flower_strategy_default_seed_and_resume_bit_for_bit(tmp_path):
         np.testing.assert_array_equal(x, y)
     assert [h["nonprivate"] for h in resumed.history] == [h["nonprivate"] for h in whole.history]
     assert resumed.dpfedavg.accountant.ledger == whole.dpfedavg.accountant.ledger
+
+
+def test_flower_state_dict_refuses_a_round_in_flight():
+    pytest.importorskip("flwr")
+    from flwr.server import SimpleClientManager
+
+    from dpkit.federated.flower import DPFedAvgStrategy, InProcessClientProxy
+
+    strategy = DPFedAvgStrategy([np.zeros(3, np.float32)], num_clients=2, sampling_rate=1.0,
+                                noise_multiplier=1.0, clip_norm=1.0)
+    manager = SimpleClientManager()
+    for i in range(2):
+        manager.register(InProcessClientProxy(str(i), None))
+    assert strategy.configure_fit(1, None, manager)
+    with pytest.raises(RuntimeError, match="between rounds"):
+        strategy.state_dict()
+    with pytest.raises(TypeError, match="state must be a dict"):
+        strategy.load_state_dict({"x": 1})
