@@ -28,7 +28,7 @@ from dpkit.errors import SeededRandomnessWarning
 # purposes (the second key of every derived seed)
 SAMPLING, NOISE, LOCAL, CANARY, COUNT_NOISE = range(5)
 
-_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
 
 def _outside_dpkit_stacklevel() -> int:
