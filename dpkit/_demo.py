@@ -124,7 +124,21 @@ def run_demo(*, target_epsilon=3.0, delta=1e-5, epochs=15, batch_size=128, max_g
     return result
 
 
+def _check_flags(args: argparse.Namespace) -> None:
+    """Validate every flag BEFORE training starts, naming the flag (not the Python parameter)."""
+    from dpkit import _validate as V
+
+    V.positive("--target-epsilon", args.target_epsilon)
+    V.delta("--delta", args.delta)
+    V.positive("--epochs", args.epochs)
+    V.positive_int("--batch-size", args.batch_size)
+    V.positive("--max-grad-norm", args.max_grad_norm)
+    V.positive("--lr", args.lr)
+    V.positive_int("--canaries", args.canaries, allow_zero=True)
+
+
 def _run(args: argparse.Namespace) -> int:
+    _check_flags(args)
     result = run_demo(target_epsilon=args.target_epsilon, delta=args.delta, epochs=args.epochs,
                       batch_size=args.batch_size, max_grad_norm=args.max_grad_norm, lr=args.lr,
                       canaries=args.canaries, seed=args.seed, progress=not args.json)

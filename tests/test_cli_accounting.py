@@ -21,10 +21,15 @@ def _run(*args, timeout=120):
 
 
 def _dpa_eps(sigma, q, steps, delta):
-    acc = DpaPLD(value_discretization_interval=1e-3)
+    """dpkit's Python API (what the CLI must print), checked within 0.1% of dp_accounting at 1e-4."""
+    from dpkit.accountants import dpsgd_event, make_accountant
+
+    ours = make_accountant("pld").compose(dpsgd_event(sigma, q, steps)).epsilon(delta)
+    acc = DpaPLD(value_discretization_interval=1e-4)
     acc.compose(dp_accounting.SelfComposedDpEvent(
         dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps))
-    return acc.get_epsilon(delta)
+    assert acc.get_epsilon(delta) * 0.99 <= ours <= acc.get_epsilon(delta) * 1.001
+    return ours
 
 
 def test_epsilon_text_and_json():
@@ -136,3 +141,41 @@ def test_plot_without_matplotlib_is_a_clear_error(monkeypatch, capsys, tmp_path)
                "--delta", "1e-5", "--plot", str(tmp_path / "x.png")])
     err = capsys.readouterr().err
     assert rc == 2 and "matplotlib" in err and len(err.strip().splitlines()) == 1
+
+
+def test_extreme_inputs_answer_and_say_how():
+    """A mistyped σ and 10⁹ steps: answered (no hang), the method named in JSON and as a note."""
+    rc, out, err = _run("epsilon", "--sampling-rate", "0.01", "--noise-multiplier", "1", "--steps", "1e9",
+                        "--delta", "1e-5", "--json")
+    assert rc == 0, err
+    data = json.loads(out)
+    assert data["method"]["method"] == "rdp" and data["method"]["coarsened"] is True
+    assert any("answered by rdp" in n for n in data["notes"])
+    rc, out, err = _run("epsilon", "--sampling-rate", "0.01", "--noise-multiplier", "0.01", "--steps", "1000",
+                        "--delta", "1e-5", "--json")
+    assert rc == 0, err
+    data = json.loads(out)
+    assert data["method"]["method"] == "pld" and data["method"]["grid_points"] <= 2**20
+
+
+def test_delta_at_least_one_over_n_warns():
+    rc, out, err = _run("epsilon", "--dataset-size", "1000", "--batch-size", "10", "--epochs", "1",
+                        "--noise-multiplier", "1", "--delta", "0.001")
+    assert rc == 0 and "--delta 0.001 is >= 1/--dataset-size" in err
+    rc, out, err = _run("epsilon", "--dataset-size", "1000", "--batch-size", "10", "--epochs", "1",
+                        "--noise-multiplier", "1", "--delta", "1e-5")
+    assert rc == 0 and "dataset-size" not in err
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["demo", "--canaries", "-1"], "--canaries"),
+    (["demo", "--delta", "2"], "--delta"),
+    (["demo", "--batch-size", "0"], "--batch-size"),
+    (["risk", "--sampling-rate", "2", "--noise-multiplier", "1", "--steps", "10"], "--sampling-rate"),
+    (["risk", "--sampling-rate", "0.1", "--noise-multiplier", "-1", "--steps", "10"], "--noise-multiplier"),
+    (["risk", "--sampling-rate", "0.1", "--noise-multiplier", "1", "--steps", "0"], "--steps"),
+    (["risk", "--sampling-rate", "0.1", "--noise-multiplier", "1", "--steps", "10", "--fpr", "1.5"], "--fpr"),
+])
+def test_risk_and_demo_name_the_flag_before_any_work(args, flag):
+    rc, out, err = _run(*args, timeout=60)   # the demo would train for minutes before checking
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and flag in err and "Traceback" not in err

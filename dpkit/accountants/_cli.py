@@ -106,18 +106,37 @@ def _json_number(x: float):
     return "inf" if math.isinf(x) else x
 
 
-def _epsilon_of(name: str, sigma: float, q: float, steps: int, delta: float, notes: list) -> float:
+def _epsilon_of(name: str, sigma: float, q: float, steps: int, delta: float, notes: list,
+                methods: dict | None = None) -> float:
+    """ε of one accountant; its warnings go to ``notes`` and how it answered to ``methods[name]``."""
     from dpkit.accountants.events import dpsgd_event
     from dpkit.accountants.registry import make_accountant
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        value = make_accountant(name).compose(dpsgd_event(sigma, q, steps)).epsilon(delta)
+        acc = make_accountant(name).compose(dpsgd_event(sigma, q, steps))
+        value = acc.epsilon(delta)
     for w in caught:
         note = f"{name}: {w.message}"
         if note not in notes:
             notes.append(note)
+    details = acc.details() if hasattr(acc, "details") else {"method": name}
+    if methods is not None:
+        methods[name] = details
+    if details.get("reason"):
+        notes.append(f"{name}: answered by {details['method']} ({details['reason']})")
+    elif details.get("coarsened"):
+        notes.append(f"{name}: PLD grid capped at {details['grid_points']} points (step "
+                     f"{details['value_discretization_interval']:.3g}); still an upper bound")
     return value
+
+
+def _warn_large_delta(delta: float, sched: dict, notes: list) -> None:
+    """δ ≥ 1/N allows releasing a whole record: say so (Dwork & Roth 2014, §2.3)."""
+    n = sched.get("dataset_size")
+    if n is not None and delta >= 1.0 / n:
+        notes.append(f"--delta {delta:g} is >= 1/--dataset-size (1/{n}): a mechanism that publishes "
+                     "one record at random satisfies such a δ; use δ well below 1/N")
 
 
 def _quiet_backend_logs() -> None:
@@ -139,7 +158,9 @@ def _epsilon_command(args) -> int:
         raise ValueError("--plot must be a file name; got ''")
     q, steps = sched["sampling_rate"], sched["steps"]
     notes: list[str] = []
-    results = {name: _epsilon_of(name, sigma, q, steps, delta, notes) for name in names}
+    _warn_large_delta(delta, sched, notes)
+    methods: dict = {}
+    results = {name: _epsilon_of(name, sigma, q, steps, delta, notes, methods) for name in names}
     approximate = [n for n in names if make_accountant(n).is_approximate]
     if args.plot:
         _plot(args.plot, names, sigma, q, steps, delta)
@@ -147,7 +168,10 @@ def _epsilon_command(args) -> int:
         out = {"epsilon": (_json_number(results[names[0]]) if args.accountant != _ALL
                            else {n: _json_number(v) for n, v in results.items()}),
                "noise_multiplier": sigma, "accountant": args.accountant, "delta": delta,
-               **sched, "approximate": approximate}
+               **sched, "approximate": approximate,
+               "method": methods[names[0]] if args.accountant != _ALL else methods}
+        if notes:
+            out["notes"] = notes
         if args.plot:
             out["plot"] = args.plot
         print(json.dumps(out))
@@ -162,7 +186,7 @@ def _epsilon_command(args) -> int:
         tag = " (APPROXIMATE: may under-state epsilon)" if name in approximate else ""
         print(f"epsilon = {results[name]:.6g}{tag}  [accountant={name}, delta={delta:g}, "
               f"q={q:g}, noise_multiplier={sigma:g}, steps={steps}]")
-    if not args.json and args.accountant != _ALL:
+    if not args.json:
         for note in notes:
             print(f"note: {note}", file=sys.stderr)
     return 0
@@ -206,14 +230,19 @@ def _calibrate_command(args) -> int:
     name = _accountant_names(args.accountant, allow_all=False)[0]
     q, steps = sched["sampling_rate"], sched["steps"]
     notes: list[str] = []
+    _warn_large_delta(delta, sched, notes)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         sigma = calibrate_noise_multiplier(target, delta, q, steps, accountant=name)
     notes.extend(dict.fromkeys(f"{name}: {w.message}" for w in caught))
-    achieved = _epsilon_of(name, sigma, q, steps, delta, notes)
+    methods: dict = {}
+    achieved = _epsilon_of(name, sigma, q, steps, delta, notes, methods)
     if args.json:
-        print(json.dumps({"noise_multiplier": sigma, "epsilon": achieved, "accountant": name,
-                          "target_epsilon": target, "delta": delta, **sched}))
+        out = {"noise_multiplier": sigma, "epsilon": achieved, "accountant": name,
+               "target_epsilon": target, "delta": delta, **sched, "method": methods[name]}
+        if notes:
+            out["notes"] = notes
+        print(json.dumps(out))
     else:
         print(f"noise_multiplier = {sigma:.6g}  (epsilon = {achieved:.6g} <= target {target:g}; "
               f"accountant={name}, delta={delta:g}, q={q:g}, steps={steps})")

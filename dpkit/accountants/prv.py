@@ -150,7 +150,7 @@ class PRVAccountant(Accountant):
                 return 0.0
             prv, counts = built
             return prv.compute_epsilon(delta=delta, num_self_compositions=counts)[2]
-        except (RuntimeError, ValueError, OverflowError, FloatingPointError) as exc:
+        except (RuntimeError, ValueError, OverflowError, FloatingPointError, MemoryError) as exc:
             return self._fallback("epsilon", exc).epsilon(delta)
 
     def _delta_from_ledger(self, epsilon: float) -> float:
@@ -165,5 +165,5 @@ class PRVAccountant(Accountant):
                 return 0.0
             prv, counts = built
             return prv.compute_delta(epsilon=epsilon, num_self_compositions=counts)[2]
-        except (RuntimeError, ValueError, OverflowError, FloatingPointError) as exc:
+        except (RuntimeError, ValueError, OverflowError, FloatingPointError, MemoryError) as exc:
             return self._fallback("delta", exc).delta(epsilon)

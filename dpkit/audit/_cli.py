@@ -50,7 +50,13 @@ def _risk(args: argparse.Namespace) -> int:
     from dpkit.audit.record_level import RELATIONS, record_level_risk
     from dpkit.audit.tradeoff import pld_advantage, tpr_at_fpr_bound
 
-    fprs = [float(f) for f in args.fpr]
+    from dpkit import _validate as V
+
+    # validated here with the FLAG names, before the Python API would name its parameters
+    V.probability("--sampling-rate", args.sampling_rate)
+    V.positive("--noise-multiplier", args.noise_multiplier)
+    V.positive_int("--steps", args.steps)
+    fprs = [V.probability("--fpr", f, allow_one=False) for f in args.fpr]
     rows = []
     for relation in RELATIONS:
         risk = record_level_risk(args.noise_multiplier, args.sampling_rate, args.steps,
