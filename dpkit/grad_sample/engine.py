@@ -279,10 +279,12 @@ class GradientEngine:
     def expect_batch(self, n: int | None) -> None:
         """Declare the number of examples in the next physical batch (``None``: unknown).
 
-        dpkit's data loader calls it right before yielding each batch. Every forward pass that
-        starts afterwards is matched to ``n``: each captured tensor must carry n examples on its
-        declared or provable batch axis (see the module docstring), so a time-major layer is
-        clipped per example, not per time step.
+        dpkit's data loader calls it right before yielding each batch. Every forward pass of the
+        model that starts afterwards with an input tensor of n examples on axis 0 is matched to
+        ``n``: each captured tensor must carry n examples on its declared or provable batch axis
+        (see the module docstring), so a time-major layer is clipped per example, not per time
+        step. A pass whose inputs do not carry n examples (a batch consumed after later ones were
+        declared) is treated as undeclared.
 
         Raises:
             ValueError/TypeError: ``n`` is not a non-negative integer or None.
@@ -371,7 +373,8 @@ class GradientEngine:
                 self._bk_params.update(id(p) for p in module.parameters(recurse=False))
         for p in self.params:
             self._handles.append(p.register_hook(self._param_hook(id(p))))
-        self._handles.append(self.model.register_forward_pre_hook(self._before_model_forward))
+        self._handles.append(self.model.register_forward_pre_hook(self._before_model_forward,
+                                                                  with_kwargs=True))
 
     def _install_forward(self, module, fn) -> None:
         module.forward = _EngineForward(module, fn)
@@ -431,12 +434,27 @@ class GradientEngine:
             uses[:] = [u for u in uses if u() is not None]
         uses.append(weakref.ref(record))
 
-    def _new_generation(self) -> _Generation:
+    def _new_generation(self, n: int | None = None) -> _Generation:
         self._generation += 1
-        # passes declared as different examples may split one loader batch: n is not theirs
-        n = None if self._region == "different" else self._expected
         self._current = _Generation(self._generation, self._region, n, self._records)
         return self._current
+
+    def _declared_for(self, args, kwargs) -> int | None:
+        """The declared batch size, if this forward pass carries that batch.
+
+        The loader declares n when it YIELDS a batch; a training loop may consume batches later
+        (prefetched lists, ``zip``), so a declaration is used only for a pass with an input tensor
+        of n examples on axis 0 (the loader's layout; moving it to a device keeps the shape).
+        Otherwise — or inside :meth:`different_examples`, whose passes may split one loader batch —
+        the pass is undeclared and its batch is inferred (see the module docstring).
+        """
+        n = self._expected
+        if n is None or self._region == "different":
+            return None
+        leaves, _ = tree_flatten((args, kwargs))
+        if any(isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n for t in leaves):
+            return n
+        return None
 
     def _attention_capture(self, module):
         def capture(inputs):  # out_proj is called by the BK forward only: capture if anything trains
@@ -463,13 +481,19 @@ class GradientEngine:
         # autograd decides, not module.training: eval-mode training (dropout off) must be clipped
         return torch.is_grad_enabled() and not self._silenced
 
-    def _before_model_forward(self, module, args):
-        if module is not self.model or not self._capturing() or self._region == "same":
-            return  # a deep copy of the model, no_grad, or one generation for the whole block
+    def _before_model_forward(self, module, args, kwargs):
+        if module is not self.model or not self._capturing():
+            return  # a deep copy of the model, or no_grad
+        n = self._declared_for(args, kwargs)
+        if self._region == "same":  # one generation for the whole block; its first pass sets n
+            gen = self._current
+            if gen is not None and not gen.uses and gen.n is None:
+                gen.n = n
+            return
         # clip the finished generations now so that their activations are freed (gradient
         # accumulation), then open a new generation for this pass
         self._flush()
-        self._new_generation()
+        self._new_generation(n)
 
     def _forward_hook(self, module, rule):
         recurse = isinstance(rule, FunctorchFallback) and rule.recurse

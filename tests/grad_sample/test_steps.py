@@ -383,3 +383,18 @@ def test_dp_optimizer_delegates_the_declarations():
     opt.step()
     for p in model.parameters():
         torch.testing.assert_close(p.grad * 4, expected[id(p)], rtol=1e-7, atol=1e-9)
+
+
+def test_stale_declaration_from_a_prefetched_batch_is_not_applied():
+    """Batches collected before training: the last declaration (12) must not turn a batch of 11
+    sequences of length 12 into 'time-major' per-position clipping."""
+    torch.manual_seed(14)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x, y = torch.randn(11, 12, 3), torch.randn(11, 12, 2)
+    expected = clipped_sum(per_example_grads(model, (x, y), _seq_loss), 0.05)
+    engine = GradientEngine(model, max_grad_norm=0.05, loss_reduction="sum")
+    engine.expect_batch(11)
+    engine.expect_batch(12)  # the loader yielded the next batch before this one was used
+    _seq_loss(model, (x, y)).backward()
+    assert engine.accumulate() == 11
+    _assert_matches(engine, model, expected)
