@@ -153,7 +153,8 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
             raise ValueError("a CyclicPoissonSampler loader is for correlated noise (amplified BandMF): "
                              "pass noise=CorrelatedNoise(banded(n, bands)) with bands <= its num_groups")
         accountant = matrix_accountant(noise, requested_accountant, noise_multiplier=noise_multiplier, sampling_prob=q,
-                                       sampler=cyclic if cyclic is not None else "poisson")
+                                       sampler=cyclic if cyclic is not None else
+                                       "poisson" if data_loader is not None else "declared")
     elif getattr(noise, "is_test_probe", False):
         warnings.warn(f"noise={type(noise).__name__} is a deterministic test probe: the run is NOT private "
                       "and its printed ε does not describe it", UserWarning, stacklevel=2)

@@ -41,8 +41,10 @@ def matrix_accountant(noise, accountant, *, noise_multiplier: float, sampling_pr
         accountant: a registered accountant name (the analysis is then chosen here) or a
             ``MatrixMechanismAccountant`` to check.
         noise_multiplier: σ. sampling_prob: q of each step (within the group for cyclic sampling).
-        sampler: ``"poisson"`` (every step samples the whole data set) or the
-            ``CyclicPoissonSampler`` that feeds training.
+        sampler: ``"poisson"`` (dpkit's loader samples the whole data set every step), the
+            ``CyclicPoissonSampler`` that feeds training, or ``"declared"`` (``data_loader=None``:
+            the caller samples; a given ``MatrixMechanismAccountant`` is taken as the declaration of
+            the sampler, like ``sample_rate`` is for DP-SGD; a name gets MMCC's Poisson analysis).
 
     Raises:
         ValueError: the accountant, the strategy and the sampler do not describe one mechanism.
@@ -68,6 +70,7 @@ def matrix_accountant(noise, accountant, *, noise_multiplier: float, sampling_pr
 
 
 def _checked(accountant, C, sens, cyclic, sampler):
+    declared = isinstance(sampler, str) and sampler == "declared"
     if not isinstance(accountant, MatrixMechanismAccountant):
         raise ValueError(f"accountant {accountant.name!r} cannot describe correlated noise: its per-step "
                          "events are DP-SGD's, but one example's noise is correlated across steps. Leave "
@@ -76,6 +79,8 @@ def _checked(accountant, C, sens, cyclic, sampler):
     if abs(accountant.sensitivity - sens) > 1e-9 * max(1.0, sens):
         raise ValueError(f"accountant was built with sensitivity={accountant.sensitivity}, but the noise is "
                          f"standardised with sensitivity {sens}; use noise.sensitivity")
+    if declared:
+        return accountant
     if accountant.method == "banded" and not cyclic:
         raise ValueError("accountant method='banded' (amplified BandMF) needs cyclic Poisson sampling, but "
                          "this run samples the whole data set at every step. Give make_private a DataLoader "

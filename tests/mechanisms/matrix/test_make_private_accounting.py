@@ -129,3 +129,20 @@ def test_cyclic_sampler_resumes_its_sequence():
     assert nxt and all(tuple(x) not in {tuple(y) for y in first} for x in nxt if x)
     members = {i for g in b.groups for i in g.tolist()}
     assert members == set(range(N)) and np.all([len(g) in (N // 4,) for g in b.groups])
+
+
+def test_declared_sampling_takes_the_given_matrix_accountant():
+    """data_loader=None: the caller samples; a MatrixMechanismAccountant is their declaration."""
+    noise = CorrelatedNoise(banded(8, 2), seed=1)
+    acc = MatrixMechanismAccountant(banded(8, 2).encoder(), noise_multiplier=SIGMA, sampling_prob=0.2,
+                                    sensitivity=noise.sensitivity, method="banded", bands=2)
+    model = nn.Linear(4, 2)
+    _, opt, _ = dpkit.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), None,
+                                   max_grad_norm=1.0, noise_multiplier=SIGMA, sample_rate=0.2,
+                                   expected_batch_size=20, noise=noise, accountant=acc)
+    assert opt.accountant is acc
+    model = nn.Linear(4, 2)
+    with pytest.raises(ValueError, match="cannot describe correlated noise"):
+        dpkit.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), None,
+                           max_grad_norm=1.0, noise_multiplier=SIGMA, sample_rate=0.2, expected_batch_size=20,
+                           noise=CorrelatedNoise(banded(8, 2), seed=1), accountant=make_accountant("pld"))
