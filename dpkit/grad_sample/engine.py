@@ -34,8 +34,9 @@ Generations are clipped at the next forward pass after their backward, or at :me
   :meth:`different_examples` are separate sets of examples.
 
 **Batch axis.** Every captured use is matched to the batch size n of its generation: n declared
-by :meth:`expect_batch` (dpkit's data loader does it for each batch) or, undeclared, inferred from
-agreement — the first use whose layer fixes its batch axis, else axis 0 of the first use.
+by :meth:`expect_batch` (dpkit's data loader does it for each batch; it applies to a forward pass
+whose inputs carry n examples on axis 0) or, undeclared, inferred from agreement — the first use
+whose layer fixes its batch axis, else axis 0 of the first use.
 
 * Layers whose API fixes the batch axis (convolutions, GroupNorm/InstanceNorm, EmbeddingBag,
   attention, RNNs and Transformer layers through ``batch_first``, layers inside an
@@ -43,16 +44,26 @@ agreement — the first use whose layer fixes its batch axis, else axis 0 of the
   axis given to :meth:`set_batch_axis`) must have size n on that axis.
 * Position-wise layers (Linear, LayerNorm, RMSNorm, Embedding) accept any leading axis: the batch
   is the ONE non-feature axis of size n, so a time-major (T, B, d) input with T ≠ B is clipped
-  per example exactly. When several axes have size n (T == B) the axis proven for that layer by an
-  earlier batch (where it was the only one) is kept; with no such proof the step is refused with
-  AmbiguousStepError naming the layer (fix: :meth:`set_batch_axis`). n ≤ 1 is never ambiguous
-  (every choice groups the same values).
-* A position-wise layer whose input has size 1 where the batch should be (position ids of shape
-  (1, T) broadcast over the batch) is handled when n is declared: its output is expanded (a view,
-  no copy) to n rows, so the gradient of example i arrives as row i.
+  per example exactly. When several axes have size n (T == B), the axis proven for that layer by
+  an earlier batch (where it was the only one, with n declared or read on a time-major layer) is
+  kept; else, if n was read on axis 0 (undeclared, batch-first convention), axis 0; else the step
+  is refused with AmbiguousStepError naming the layer (fix: :meth:`set_batch_axis`). n ≤ 1 is
+  never ambiguous (every choice groups the same values).
+* An embedding fed ids with size 1 on axis 0 (position ids (1, T) broadcast over the batch) is
+  expanded, when n is declared, to n rows (a view of the ids; the looked-up (n, T, d) output is
+  what the broadcast add materialises anyway), so example i's gradient arrives as row i. With
+  T == n this looks exactly like a time-major tensor with one time step: refused unless declared
+  (``set_batch_axis(0, name)``) or proven by an earlier batch.
 
 Without a declaration a time-major model whose layers all see (T, B, d) cannot be told from a
 batch-first one with batch T: let dpkit's loader declare n.
+
+**Parameters used outside their module** (``logits = h @ wte.weight.T``) get autograd gradient no
+hook saw; :meth:`accumulate` compares autograd's gradient of every parameter with what the engine
+captured and refuses a mismatch, naming the parameter (tie through a module instead).
+
+**Copies.** ``copy.deepcopy(model)`` (EMA or evaluation copies) gives a plain model: the copy's
+layers run their class's forward with the copy's weights and record nothing.
 """
 
 from __future__ import annotations
@@ -323,7 +334,8 @@ class GradientEngine:
 
         They form one generation: each example's gradient is the sum of its gradients through
         all the passes, clipped once (exact in both engines: the book-keeping pairs of the passes
-        are concatenated, so the ghost norm keeps the cross terms between passes). For multi-view
+        are concatenated, so the ghost norm keeps the cross terms between passes, as for a layer
+        used several times — Bu, Wang, Zha, Karypis, ICML 2023, Sec. 3). For multi-view
         losses (consistency regularisation, R-Drop, two-view contrastive losses); every pass must
         carry the same number of examples in the same order. Leave the block before ``step()``.
         """

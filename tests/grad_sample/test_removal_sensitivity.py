@@ -13,7 +13,6 @@ import contextlib
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from dpkit.errors import AmbiguousStepError
 from dpkit.grad_sample import GradientEngine
