@@ -104,6 +104,7 @@ def max_relative_error(name, variant, mode):
     total = torch.sqrt(sum(v.pow(2).sum() for v in expected.values())).item()
     engine = GradientEngine(model, max_grad_norm=clip, mode=mode, loss_reduction="mean")
     try:
+        engine.expect_batch(B)  # what dpkit's data loader declares before yielding each batch
         model.zero_grad(set_to_none=True)
         loss(model, inputs).backward()  # the batch's mean loss, as a training loop computes it
         assert engine.accumulate() == B
