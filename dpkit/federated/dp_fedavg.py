@@ -216,7 +216,7 @@ class DPFedAvg:
         are exactly those of an uninterrupted run, never a replay of rounds 0, 1, ... The state
         therefore lets its holder regenerate the noise: store checkpoints as secret as the data.
         """
-        return {"seed": self.seed, "secure_mode": self.secure_mode,
+        return {"seed": self.seed, "secure_mode": self.secure_mode, "settings": self._settings(),
                 "round": self.round, "clip_norm": self.clip_norm,
                 "params": [p.clone() for p in self.params],
                 # deep copy: torch returns live references to its state tensors, and its
@@ -224,13 +224,21 @@ class DPFedAvg:
                 "server_optimizer": copy.deepcopy(self.server_optimizer.state_dict()),
                 "accountant": self.accountant.state_dict()}
 
+    def _settings(self) -> dict:
+        # what a resumed run must repeat: the cohort and noise of round t depend on them
+        return {"num_clients": self.num_clients, "sampling_rate": self.sampling_rate,
+                "noise_multiplier": self.noise_multiplier,
+                "update_noise_multiplier": self.update_noise_multiplier,
+                "shapes": [tuple(p.shape) for p in self.params]}
+
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`, seed included (build the object with the same settings first).
 
         Raises:
             TypeError: ``state`` is not a dict.
             ValueError: ``state`` lacks the run seed (a checkpoint without it would restart the
-                streams at a new seed silently) or was saved with a different ``secure_mode``.
+                streams at a new seed silently), or was saved with a different ``secure_mode``,
+                population, sampling rate, noise or model shapes.
         """
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict from state_dict(); got {type(state).__name__}")
@@ -240,6 +248,10 @@ class DPFedAvg:
         if bool(state["secure_mode"]) != self.secure_mode:
             raise ValueError(f"state was saved with secure_mode={state['secure_mode']}; build the "
                              f"server with the same secure_mode (got {self.secure_mode})")
+        saved = {k: (list(map(tuple, v)) if k == "shapes" else v) for k, v in state["settings"].items()}
+        if saved != self._settings():
+            raise ValueError(f"state was saved with settings {saved}; this server has "
+                             f"{self._settings()}: build it with the same settings to resume")
         with torch.no_grad():
             for p, q in zip(self.params, state["params"]):
                 p.copy_(q)

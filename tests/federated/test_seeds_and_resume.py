@@ -88,6 +88,10 @@ def test_secure_mode_and_seed_validation():
     del state["seed"]
     with pytest.raises(ValueError, match="'seed'"):
         DPFedAvg(_params(), **SETTINGS).load_state_dict(state)
+    with pytest.raises(ValueError, match="same settings to resume"):
+        DPFedAvg(_params(), **{**SETTINGS, "sampling_rate": 0.25}).load_state_dict(server.state_dict())
+    with pytest.raises(ValueError, match="same settings to resume"):
+        DPFedAvg(_params()[:1], **SETTINGS).load_state_dict(server.state_dict())
 
 
 def test_server_resume_continues_the_streams_and_does_not_replay(tmp_path):
