@@ -22,8 +22,8 @@ rescaling. The label set of a classifier is public too (declared ``classes``; se
 4. norm bound      ρ  = private upper quantile of ‖x_i − μ̂‖ (histogram as in 2)
 5. DP-SGD          on x̃_i = clip(x_i − μ̂, ρ) / ρ  (a public per-example map), with a bias term.
 
-If ``dataset_size`` differs from the actual number of rows the estimate is scaled by n/N (still
-private; the privacy guarantee never depends on N being right).
+If ``dataset_size`` differs from the actual number of rows the estimate is biased (sums divided
+by N ≠ n) but still private: the privacy guarantee never depends on N being right.
 
 Steps 1–3 form :func:`private_mean`: if no point is clipped in step 3 and N = n, μ̂ − mean is
 exactly N(0, (σ3 r / N)² I), and r ≲ √2 (diameter + ‖c0 − mean‖) — an error governed by the diameter,
