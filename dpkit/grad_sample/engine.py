@@ -513,6 +513,8 @@ class GradientEngine:
         def hook(mod, args, kwargs, output):
             if mod is not module or not self._capturing() or not _any_trainable(mod, recurse):
                 return  # a deep copy, no_grad, or a frozen layer
+            if isinstance(mod, nn.RNNBase):  # switched to train() after wrapping: dropout now active
+                check_rnn(self._owner_names[id(mod)], mod)
             if isinstance(rule, FunctorchFallback):
                 captured = rule.capture(mod, args, kwargs)
             elif isinstance(rule, EmbeddingBagRule):  # offsets / per_sample_weights may be keywords

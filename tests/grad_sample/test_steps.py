@@ -398,3 +398,13 @@ def test_stale_declaration_from_a_prefetched_batch_is_not_applied():
     _seq_loss(model, (x, y)).backward()
     assert engine.accumulate() == 11
     _assert_matches(engine, model, expected)
+
+
+def test_rnn_dropout_switched_on_after_wrapping_is_refused():
+    from dpkit.errors import UnsupportedModuleError
+    model = nn.LSTM(3, 4, num_layers=2, dropout=0.5, batch_first=True).eval()
+    engine = GradientEngine(model, max_grad_norm=1.0)  # eval mode: no dropout, accepted
+    model.train()
+    with pytest.raises(UnsupportedModuleError, match="inter-layer dropout"):
+        model(torch.randn(2, 3, 3))
+    assert engine.accumulate() == 0
