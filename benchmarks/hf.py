@@ -31,8 +31,9 @@ B, T, VOCAB, WIDTH = 8, 64, 8000, 256
 
 def _positions(ids):
     """Per-example position ids (B, T). The models' default, one (1, T) row shared by the batch, is
-    refused by dpkit's engine until it handles inputs broadcast over the batch (and breaks Opacus'
-    hooks), so the benchmark passes what the default means, one row per example."""
+    split per example by dpkit's engine only when the batch size is declared (dpkit's data loader
+    does it); the harness steps without a loader, and Opacus' hooks fail on the shared row, so the
+    benchmark passes what the default means, one row per example."""
     return torch.arange(ids.shape[1], device=ids.device).expand_as(ids).contiguous()
 
 
