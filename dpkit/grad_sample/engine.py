@@ -35,8 +35,8 @@ Generations are clipped at the next forward pass after their backward, or at :me
 
 **Batch axis.** Every captured use is matched to the batch size n of its generation: n declared
 by :meth:`expect_batch` (dpkit's data loader does it for each batch; it applies to a forward pass
-whose inputs carry n examples on axis 0) or, undeclared, inferred from agreement — the first use
-whose layer fixes its batch axis, else axis 0 of the first use.
+fed that batch, or whose inputs carry n examples on axis 0) or, undeclared, inferred from
+agreement — the first use whose layer fixes its batch axis, else axis 0 of the first use.
 
 * Layers whose API fixes the batch axis (convolutions, GroupNorm/InstanceNorm, EmbeddingBag,
   attention, RNNs and Transformer layers through ``batch_first``, layers inside an
@@ -262,6 +262,7 @@ class GradientEngine:
         self._generation = 0
         self._region: str | None = None  # "same" / "different" inside the declaring blocks
         self._expected: int | None = None
+        self._bound: list[tuple[int, list]] = []  # (n, weakrefs to the declared batch's tensors)
         self._handles = []
         self._patched: list[nn.Module] = []
         self._silenced = False
@@ -287,15 +288,21 @@ class GradientEngine:
         return [p for p in self.model.parameters() if p.requires_grad]
 
     # ------------------------------------------------------------ declarations
-    def expect_batch(self, n: int | None) -> None:
+    def expect_batch(self, n: int | None, batch=None) -> None:
         """Declare the number of examples in the next physical batch (``None``: unknown).
 
-        dpkit's data loader calls it right before yielding each batch. Every forward pass of the
-        model that starts afterwards with an input tensor of n examples on axis 0 is matched to
-        ``n``: each captured tensor must carry n examples on its declared or provable batch axis
-        (see the module docstring), so a time-major layer is clipped per example, not per time
-        step. A pass whose inputs do not carry n examples (a batch consumed after later ones were
-        declared) is treated as undeclared.
+        dpkit's data loader calls it right before yielding each batch. A forward pass of the
+        model is matched to ``n`` when one of its input tensors is (a view of) a tensor of
+        ``batch`` — so batches consumed later than they were yielded (prefetched lists, ``zip``)
+        keep their own n — or, failing that, when the latest declaration's n is the size of axis 0
+        of one of its inputs (the loader's layout; moving a batch to a device keeps the shape).
+        Each captured tensor of a matched pass must carry n examples on its declared or provable
+        batch axis (see the module docstring), so a time-major layer is clipped per example, not
+        per time step. Other passes are undeclared.
+
+        Args:
+            n: number of examples, or None.
+            batch: the yielded batch (any nesting of tensors), optional; binds ``n`` to it.
 
         Raises:
             ValueError/TypeError: ``n`` is not a non-negative integer or None.
@@ -306,6 +313,10 @@ class GradientEngine:
             if n < 0:
                 raise ValueError(f"n must be >= 0; got {n}")
         self._expected = n
+        self._bound = [(m, refs) for m, refs in self._bound if any(r() is not None for r in refs)]
+        if n is not None and batch is not None:
+            leaves = [t for t in tree_flatten(batch)[0] if isinstance(t, torch.Tensor) and t.numel()]
+            self._bound.append((n, [weakref.ref(t) for t in leaves]))
 
     def set_batch_axis(self, axis: int, module_name: str | None = None) -> None:
         """Declare that the batch is on ``axis`` of the tensors of module ``module_name`` (None:
@@ -455,16 +466,20 @@ class GradientEngine:
         """The declared batch size, if this forward pass carries that batch.
 
         The loader declares n when it YIELDS a batch; a training loop may consume batches later
-        (prefetched lists, ``zip``), so a declaration is used only for a pass with an input tensor
-        of n examples on axis 0 (the loader's layout; moving it to a device keeps the shape).
-        Otherwise — or inside :meth:`different_examples`, whose passes may split one loader batch —
-        the pass is undeclared and its batch is inferred (see the module docstring).
+        (prefetched lists, ``zip``), so a declaration is used only for a pass fed (a view of) that
+        batch, or with an input tensor of n examples on axis 0. Otherwise — or inside
+        :meth:`different_examples`, whose passes may split one loader batch — the pass is
+        undeclared and its batch is inferred (see the module docstring).
         """
-        n = self._expected
-        if n is None or self._region == "different":
+        if self._region == "different":
             return None
-        leaves, _ = tree_flatten((args, kwargs))
-        if any(isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n for t in leaves):
+        leaves = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        storages = {t.untyped_storage().data_ptr() for t in leaves if t.numel()}
+        for m, refs in reversed(self._bound):  # an input that IS (a view of) a declared batch
+            if any(r() is not None and r().untyped_storage().data_ptr() in storages for r in refs):
+                return m
+        n = self._expected
+        if n is not None and any(t.dim() > 0 and t.shape[0] == n for t in leaves):
             return n
         return None
 

@@ -408,3 +408,22 @@ def test_rnn_dropout_switched_on_after_wrapping_is_refused():
     with pytest.raises(UnsupportedModuleError, match="inter-layer dropout"):
         model(torch.randn(2, 3, 3))
     assert engine.accumulate() == 0
+
+
+@pytest.mark.parametrize("mode", ["bk", "per_sample"])
+def test_mlp_fed_time_major_batches_bound_to_their_declaration(mode):
+    """The brief's case: (T, B, d) fed to a position-wise MLP, B declared with the batch; batches
+    prefetched before use keep their own sizes."""
+    torch.manual_seed(15)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2))
+    batches = [torch.randn(n, 12, 4) for n in (3, 5)]  # loader layout (B, T, d)
+    loss = lambda m, i: m(i[0].transpose(0, 1)).pow(2).sum()  # noqa: E731
+    expected = [clipped_sum(per_example_grads(model, (b,), loss), 0.05) for b in batches]
+    engine = GradientEngine(model, max_grad_norm=0.05, mode=mode, loss_reduction="sum")
+    for b in batches:  # list(loader): both declared before either is used
+        engine.expect_batch(b.shape[0], batch=(b,))
+    for b, exp in zip(batches, expected):
+        engine.reset()
+        loss(model, (b,)).backward()
+        assert engine.accumulate() == b.shape[0]
+        _assert_matches(engine, model, exp)
