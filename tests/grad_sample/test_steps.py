@@ -427,3 +427,17 @@ def test_mlp_fed_time_major_batches_bound_to_their_declaration(mode):
         loss(model, (b,)).backward()
         assert engine.accumulate() == b.shape[0]
         _assert_matches(engine, model, exp)
+
+
+@pytest.mark.parametrize("mode", ["bk", "per_sample"])
+def test_bf16_autocast_step_is_not_mistaken_for_a_functional_use(mode):
+    torch.set_default_dtype(torch.float32)
+    torch.manual_seed(16)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.LayerNorm(32), nn.Linear(32, 8))
+    engine = GradientEngine(model, max_grad_norm=0.5, mode=mode)
+    for _ in range(3):
+        engine.reset()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(torch.randn(6, 16)).float().pow(2).mean()
+        loss.backward()
+        assert engine.accumulate() == 6
