@@ -7,13 +7,21 @@ with respect to the layer input, so earlier layers still receive theirs (Bu, Wan
 ICML 2023, Sec. 3.3: "book-keeping" saves the second back-propagation AND the weight-gradient
 products). The parameters still appear as inputs so that the output requires grad even when the
 layer input does not (first layer, embeddings).
+
+Layers defined outside torch (integrations) add their own BK forward with
+:func:`register_bk_forward`, keyed by the class's qualified name.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+# qualified class name ("package.module.Class") -> apply(module, x, record) for integration layers
+_REGISTERED: dict[str, Callable] = {}
 
 
 class _Linear(torch.autograd.Function):
@@ -26,7 +34,7 @@ class _Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (weight,) = ctx.saved_tensors
-        _store(ctx.record, grad_out)
+        store_grad(ctx.record, grad_out)
         grad_x = None
         if ctx.needs_input_grad[0]:  # under autocast the output gradient may be bf16/fp16
             grad_x = (grad_out @ weight.to(grad_out.dtype)).to(ctx.x_dtype)
@@ -44,7 +52,7 @@ class _Conv(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         conv = ctx.conv
-        _store(ctx.record, grad_out)
+        store_grad(ctx.record, grad_out)
         grad_x = None
         if ctx.needs_input_grad[0]:
             padding = conv.padding
@@ -66,7 +74,7 @@ class _Embedding(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        _store(ctx.record, grad_out)
+        store_grad(ctx.record, grad_out)
         return None, None, None, None
 
 
@@ -74,13 +82,36 @@ class _Embedding(torch.autograd.Function):
 _LINEARS = (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
 
 
-def _store(record, grad_out):
+def store_grad(record, grad_out) -> None:
+    """Add a BK layer's output gradient to its record (several backward contributions sum)."""
     grads = record[1]
     grads[0] = grad_out.detach() if grads[0] is None else grads[0] + grad_out.detach()
 
 
+def register_bk_forward(qualified_name: str, apply: Callable) -> None:
+    """Give the class named ``qualified_name`` a BK forward ``apply(module, x, record)``: it must
+    return the layer's output, and its backward must call :func:`store_grad` with the output
+    gradient and return only the input gradient (none for the layer's parameters).
+
+    Raises:
+        TypeError: ``qualified_name`` is not a dotted name or ``apply`` is not callable.
+    """
+    if not isinstance(qualified_name, str) or "." not in qualified_name:
+        raise TypeError(f"qualified_name must be 'package.module.Class'; got {qualified_name!r}")
+    if not callable(apply):
+        raise TypeError(f"apply must be callable; got {type(apply).__name__}")
+    _REGISTERED[qualified_name] = apply
+
+
+def _qualified(module: nn.Module) -> str:
+    cls = type(module)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def supports_bk_forward(module: nn.Module) -> bool:
     """Layers with a weight-gradient-free backward (exact types; subclasses keep their forward)."""
+    if _REGISTERED and _qualified(module) in _REGISTERED:
+        return True
     if type(module) in _LINEARS:
         return True
     if type(module) in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
@@ -92,6 +123,9 @@ def supports_bk_forward(module: nn.Module) -> bool:
 
 def bk_apply(module: nn.Module, x: torch.Tensor, record) -> torch.Tensor:
     """Run ``module`` on ``x`` with the BK backward, storing the output gradient in ``record``."""
+    registered = _REGISTERED.get(_qualified(module)) if _REGISTERED else None
+    if registered is not None:
+        return registered(module, x, record)
     if type(module) in _LINEARS:
         return _Linear.apply(x, module.weight, module.bias, record)
     if type(module) is nn.Embedding:

@@ -7,7 +7,9 @@ never imports ``transformers`` on its own (``pip install dpkit[hf]`` installs it
   (in, out), a linear layer with a transposed weight. Its per-example gradient
   ``G_i = Σ_t x_{i,t}ᵀ ḡ_{i,t}`` (in × out) is a linear view, so book-keeping applies: ghost norm or
   instantiation chosen per input shape, clipped sum by one extra matrix product (Bu, Wang, Zha,
-  Karypis, ICML 2023, Sec. 3; the ghost norm of Li, Tramèr, Liang, Hashimoto, ICLR 2022).
+  Karypis, ICML 2023, Sec. 3; the ghost norm of Li, Tramèr, Liang, Hashimoto, ICLR 2022). In BK
+  mode its backward returns only the input gradient: the discarded non-private weight-gradient
+  product is skipped, as for nn.Linear (:mod:`dpkit.grad_sample.bk_forward`).
 * RMSNorm-style layers that model families define themselves (LlamaRMSNorm, MistralRMSNorm,
   Qwen2RMSNorm, GemmaRMSNorm with its ``(1 + weight)`` scale, T5LayerNorm, ...): the output is
   element-wise affine in the weight, ``y = s(x) ⊙ w + r(x)``, so the per-example weight gradient is
@@ -21,8 +23,10 @@ is imported here; a class absent from the installed version simply never matches
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch.func import functional_call
 
+from dpkit.grad_sample.bk_forward import register_bk_forward, store_grad
 from dpkit.grad_sample.layers import LinearView, LinearViewRule, PerSampleRule
 from dpkit.grad_sample.registry import register_rule
 
@@ -41,6 +45,29 @@ class Conv1DRule(LinearViewRule):
         g = grad_output.reshape(B, 1, -1, grad_output.shape[-1])
         bias = g.sum(dim=2).reshape(B, -1) if _trainable(module.bias) else None
         return LinearView(a=g, g=a, weight_shape=module.weight.shape, bias_grad=bias)
+
+
+class _Conv1DBK(torch.autograd.Function):
+    """y = x @ W + b whose backward keeps ḡ for the engine and returns only ḡ Wᵀ."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, record):
+        ctx.save_for_backward(weight)
+        ctx.record, ctx.x_dtype = record, x.dtype
+        return F.linear(x, weight.t(), bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (weight,) = ctx.saved_tensors
+        store_grad(ctx.record, grad_out)
+        grad_x = None
+        if ctx.needs_input_grad[0]:  # under autocast the output gradient may be bf16/fp16
+            grad_x = (grad_out @ weight.t().to(grad_out.dtype)).to(ctx.x_dtype)
+        return grad_x, None, None, None
+
+
+def _conv1d_bk(module, x, record):
+    return _Conv1DBK.apply(x, module.weight, module.bias, record)
 
 
 class ElementwiseScaleRule(PerSampleRule):
@@ -89,5 +116,6 @@ ELEMENTWISE_SCALE_CLASSES = tuple(f"{_MODELS}.{family}.modeling_{family}.{cls}" 
 CONV1D_CLASS = "transformers.pytorch_utils.Conv1D"
 
 register_rule(CONV1D_CLASS, Conv1DRule())
+register_bk_forward(CONV1D_CLASS, _conv1d_bk)
 for _name in ELEMENTWISE_SCALE_CLASSES:
     register_rule(_name, ElementwiseScaleRule())
