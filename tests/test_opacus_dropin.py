@@ -350,3 +350,34 @@ def test_planned_run_is_enforced():
     assert engine.get_epsilon(DELTA) <= 2.0
     with pytest.raises(dpkit.PrivacyBudgetExceeded):
         _train(model, optimizer, loader, 1)
+
+
+def test_resume_through_opacus_checkpoints_continues_the_run(tmp_path):
+    """save_checkpoint/load_checkpoint into fresh objects: the same batches and parameters as the
+    uninterrupted run, and no batch after the resume repeats one from before it (issue 13, item 1)."""
+    def run(model, optimizer, loader, steps):
+        seen = []
+        while len(seen) < steps:
+            for xb, yb in loader:
+                seen.append((xb.sum().item(), len(xb)))
+                optimizer.zero_grad()
+                F.cross_entropy(model(xb), yb).backward()
+                optimizer.step()
+                if len(seen) == steps:
+                    break
+        return seen
+
+    engine, args = _setup(PrivacyEngine(accountant="pld"))
+    model, optimizer, loader = engine.make_private(**args)   # OS-entropy seeds, as Opacus users run
+    first = run(model, optimizer, loader, 6)
+    engine.save_checkpoint(path=tmp_path / "ck.pt", module=model, optimizer=optimizer)
+    whole = run(model, optimizer, loader, 6)
+    engine2, args2 = _setup(PrivacyEngine(accountant="pld"))
+    model2, optimizer2, loader2 = engine2.make_private(**args2)
+    engine2.load_checkpoint(path=tmp_path / "ck.pt", module=model2, optimizer=optimizer2,
+                            torch_load_kwargs={"weights_only": False})
+    resumed = run(model2, optimizer2, loader2, 6)
+    assert resumed == whole and not set(b for b in resumed if b[1]) & set(b for b in first if b[1])
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+    assert engine2.get_epsilon(DELTA) == engine.get_epsilon(DELTA)
