@@ -276,7 +276,7 @@ class DPDataLoader:
             if is_first:
                 self.batch_sampler.position += 1
             if self._optimizer is not None:
-                self._optimizer.note_batch(size, new_draw=is_first, last_chunk=is_last)
+                self._optimizer.note_batch(size, new_draw=is_first, last_chunk=is_last, batch=batch)
             yield batch
 
 

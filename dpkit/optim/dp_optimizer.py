@@ -225,18 +225,17 @@ class DPOptimizer(torch.optim.Optimizer):
             loader.load_state_dict(self._pending_sampler)
             self._pending_sampler = None
 
-    def note_batch(self, size: int, *, new_draw: bool, last_chunk: bool) -> None:
-        """Called by the DP loader before it yields a physical batch of ``size`` examples.
+    def note_batch(self, size: int, *, new_draw: bool, last_chunk: bool, batch=None) -> None:
+        """Called by the DP loader before it yields ``batch``, a physical batch of ``size`` examples.
 
         ``new_draw``: the batch starts a new sampled (logical) batch; ``last_chunk``: it ends one
-        (virtual batches: the optimizer only accumulates until then).
+        (virtual batches: the optimizer only accumulates until then). The engine is told the size
+        (and the batch's tensors), so it knows the batch axis of every layer instead of guessing.
         """
         if new_draw:
             self._draws_since_step += 1
         self.signal_skip_step(not last_chunk)
-        expect = getattr(self.engine, "expect_batch", None)
-        if expect is not None:
-            expect(size)
+        self.engine.expect_batch(size, batch)
 
     def signal_skip_step(self, do_skip: bool = True) -> None:
         """Make the next ``step()`` only accumulate (virtual batches: a non-final physical chunk)."""
