@@ -55,8 +55,9 @@ class DPFedAvgStrategy(Strategy):
         accountant, seed, secure_mode: as in :class:`~dpkit.federated.dp_fedavg.DPFedAvg` (seed
             None, the default: OS entropy, kept in :meth:`state_dict`; an explicit seed warns).
         delta: δ of the ε reported in the fit metrics.
-        client_index: ``proxy -> int`` mapping a Flower client to its population index; default
-            ``int(proxy.cid)``.
+        client_index: ``proxy -> int | None`` mapping a Flower client to its population index
+            (None: the node serves no user); default ``int(proxy.cid)``. On Flower's engines
+            :func:`dpkit.federated.flower_engine.make_server_app` sets it from the nodes' answers.
         evaluate_fn: optional ``(server_round, list of ndarrays) -> (loss, metrics) | None`` for
             centralised evaluation of the released model.
         epsilon_every: compute ε for the fit metrics every this many rounds (others report None).
@@ -127,6 +128,8 @@ class DPFedAvgStrategy(Strategy):
         proxies = {}
         for proxy in client_manager.all().values():
             k = self.client_index(proxy)
+            if k is None:
+                continue   # a node serving no user (e.g. it did not answer the identity query)
             if not (isinstance(k, int) and 0 <= k < self.dpfedavg.num_clients):
                 raise ValueError(f"client_index must map every client to an int in [0, {self.dpfedavg.num_clients}); "
                                  f"got {k!r} for cid {proxy.cid!r}")
@@ -199,13 +202,20 @@ class DPFedAvgClient(NumPyClient):
         seed: the run seed for local shuffling (default None: fresh OS entropy per round).
             Local shuffling is not privacy noise (the server's clipping and noise protect the
             user whatever the local procedure), so a fixed seed does not warn.
+        index: the client's population index, reported by :meth:`get_properties` so that a
+            server on Flower's engines (node ids are random there) can map nodes to users.
     """
 
-    def __init__(self, trainer: LocalTrainer, data, *, seed=None):
+    def __init__(self, trainer: LocalTrainer, data, *, seed=None, index=None):
         if not isinstance(trainer, LocalTrainer):
             raise TypeError(f"trainer must be a dpkit LocalTrainer; got {type(trainer).__name__}")
         self.trainer, self.data = trainer, data
         self.seed = None if seed is None else _validate.positive_int("seed", seed, allow_zero=True)
+        self.index = None if index is None else _validate.positive_int("index", index, allow_zero=True)
+
+    def get_properties(self, config):
+        """``{"dpkit_client": index}`` (the population index this client answers for), if known."""
+        return {} if self.index is None else {CLIENT_KEY: self.index}
 
     def get_parameters(self, config):
         return [p.detach().numpy().copy() for p in self.trainer.params]
