@@ -13,6 +13,7 @@ import sys
 import warnings
 
 from dpkit import _validate as V
+from dpkit.accountants import _mechanisms as _mech
 
 _ALL = "all"
 
@@ -43,10 +44,11 @@ def register(subparsers) -> None:
     eps.add_argument("--noise-multiplier", type=_number, required=True, metavar="S",
                      help="noise std / clipping norm (>= 0)")
     eps.add_argument("--delta", type=_number, required=True, metavar="D", help="δ in (0, 1)")
-    eps.add_argument("--accountant", default="pld", metavar="NAME|all",
+    eps.add_argument("--accountant", metavar="NAME|all",
                      help="accountant name (pld, rdp, prv, gdp) or 'all' for a table; default pld")
     eps.add_argument("--json", action="store_true", help="print one JSON object")
     eps.add_argument("--plot", metavar="FILE.png", help="save a plot of ε versus steps (needs matplotlib)")
+    _mech.add_flags(eps)
     eps.set_defaults(handler=_epsilon_command)
 
     cal = subparsers.add_parser(
@@ -55,14 +57,37 @@ def register(subparsers) -> None:
     cal.add_argument("--target-epsilon", type=_number, required=True, metavar="E", help="target ε > 0")
     cal.add_argument("--delta", type=_number, required=True, metavar="D", help="δ in (0, 1)")
     _add_schedule(cal)
-    cal.add_argument("--accountant", default="pld", metavar="NAME", help="accountant name; default pld")
+    cal.add_argument("--accountant", metavar="NAME", help="accountant name; default pld")
     cal.add_argument("--json", action="store_true", help="print one JSON object")
+    _mech.add_flags(cal)
     cal.set_defaults(handler=_calibrate_command)
 
 
-def _schedule(args) -> dict:
-    """Validate the schedule flags; return the echoed inputs incl. the resolved q and steps."""
+def _schedule(args, mechanism: str = "dpsgd") -> dict:
+    """Validate the schedule flags; return the echoed inputs incl. the resolved q and steps.
+
+    fedavg may give clients/cohort/rounds instead; matrix mechanisms take the rate form only
+    (their q is the rate WITHIN a cyclic group), and mechanisms without sampling (unamplified
+    matrix mechanisms, centralized ADMM) need only ``--steps``.
+    """
     from dpkit.accountants._schedule import epochs_to_steps
+
+    if not _mech.uses_schedule_flags(mechanism, args):
+        clash = [f for f, v in (("--sampling-rate", args.sampling_rate), ("--steps", args.steps),
+                                ("--dataset-size", args.dataset_size), ("--batch-size", args.batch_size),
+                                ("--epochs", args.epochs)) if v is not None]
+        if clash:
+            raise ValueError(f"{clash[0]} does not apply with --rounds (the schedule is "
+                             "--num-clients, --clients-per-round and --rounds)")
+        return _mech.fedavg_schedule(args)
+    unsampled = ((mechanism in ("tree", "blt") or (mechanism == "bandmf" and args.participation))
+                 or (mechanism == "admm" and (args.variant or "centralized") == "centralized"))
+    if mechanism in ("bandmf", "tree", "blt", "admm") and args.sampling_rate is None and args.steps is not None \
+            and unsampled:
+        return {"sampling_rate": 1.0, "steps": V.positive_int("--steps", args.steps)}
+    if mechanism in ("bandmf", "tree", "blt") and args.steps is None:
+        raise ValueError(f"--mechanism {mechanism} needs --steps (and, for cyclic BandMF, "
+                         "--sampling-rate within the group); the epochs form does not apply")
 
     rate_form = {"--sampling-rate": args.sampling_rate, "--steps": args.steps}
     epoch_form = {"--dataset-size": args.dataset_size, "--batch-size": args.batch_size,
@@ -150,9 +175,14 @@ def _epsilon_command(args) -> int:
     from dpkit.accountants.registry import make_accountant
 
     _quiet_backend_logs()
-    sched = _schedule(args)
+    mechanism = args.mechanism
+    _mech.check_combination(mechanism, args)
+    sched = _schedule(args, mechanism)
     sigma = V.non_negative("--noise-multiplier", args.noise_multiplier)
     delta = V.delta("--delta", args.delta)
+    if mechanism != "dpsgd":
+        return _other_epsilon(args, mechanism, sched, sigma, delta)
+    args.accountant = args.accountant or "pld"
     names = _accountant_names(args.accountant, allow_all=True)
     if args.plot is not None and not str(args.plot).strip():
         raise ValueError("--plot must be a file name; got ''")
@@ -169,7 +199,7 @@ def _epsilon_command(args) -> int:
                            else {n: _json_number(v) for n, v in results.items()}),
                "noise_multiplier": sigma, "accountant": args.accountant, "delta": delta,
                **sched, "approximate": approximate,
-               "method": methods[names[0]] if args.accountant != _ALL else methods}
+               "method": methods[names[0]] if args.accountant != _ALL else methods, "mechanism": "dpsgd"}
         if notes:
             out["notes"] = notes
         if args.plot:
@@ -226,8 +256,12 @@ def _calibrate_command(args) -> int:
     _quiet_backend_logs()
     target = V.positive("--target-epsilon", args.target_epsilon)
     delta = V.delta("--delta", args.delta)
-    sched = _schedule(args)
-    name = _accountant_names(args.accountant, allow_all=False)[0]
+    mechanism = args.mechanism
+    _mech.check_combination(mechanism, args)
+    sched = _schedule(args, mechanism)
+    if mechanism != "dpsgd":
+        return _other_calibrate(args, mechanism, sched, target, delta)
+    name = _accountant_names(args.accountant or "pld", allow_all=False)[0]
     q, steps = sched["sampling_rate"], sched["steps"]
     notes: list[str] = []
     _warn_large_delta(delta, sched, notes)
@@ -239,13 +273,96 @@ def _calibrate_command(args) -> int:
     achieved = _epsilon_of(name, sigma, q, steps, delta, notes, methods)
     if args.json:
         out = {"noise_multiplier": sigma, "epsilon": achieved, "accountant": name,
-               "target_epsilon": target, "delta": delta, **sched, "method": methods[name]}
+               "target_epsilon": target, "delta": delta, **sched, "method": methods[name],
+               "mechanism": "dpsgd"}
         if notes:
             out["notes"] = notes
         print(json.dumps(out))
     else:
         print(f"noise_multiplier = {sigma:.6g}  (epsilon = {achieved:.6g} <= target {target:g}; "
               f"accountant={name}, delta={delta:g}, q={q:g}, steps={steps})")
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
+    return 0
+
+
+def _mechanism_accountant(args, mechanism: str) -> str:
+    """The accountant a non-DP-SGD mechanism is accounted with (``--accountant`` only where it applies)."""
+    if mechanism in ("fedavg", "dicesgd"):
+        return _accountant_names(args.accountant or "pld", allow_all=False)[0]
+    if args.accountant is not None:
+        raise ValueError(f"--accountant does not apply to --mechanism {mechanism} (accounted by "
+                         f"{'RDP' if mechanism == 'admm' else 'its matrix-mechanism analysis'})")
+    return "rdp" if mechanism == "admm" else "matrix"
+
+
+def _other_epsilon(args, mechanism: str, sched: dict, sigma: float, delta: float) -> int:
+    name = _mechanism_accountant(args, mechanism)
+    if sigma == 0 and mechanism in ("bandmf", "tree", "blt", "admm"):
+        raise ValueError(f"--noise-multiplier must be > 0 for --mechanism {mechanism}; got 0")
+    notes: list[str] = []
+    _warn_large_delta(delta, sched, notes)
+    fn, echo = _mech.build(mechanism, args, sched, delta, name)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        eps, details = fn(sigma)
+    notes.extend(dict.fromkeys(f"{name}: {w.message}" for w in caught))
+    if args.json:
+        out = {"epsilon": _json_number(eps), "noise_multiplier": sigma, "accountant": name, "delta": delta,
+               **sched, "approximate": ["gdp"] if name == "gdp" else [], "method": details,
+               "mechanism": mechanism, **echo}
+        if notes:
+            out["notes"] = notes
+        print(json.dumps(out))
+    else:
+        extra = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in echo.items()
+                          if v is not None)
+        print(f"epsilon = {eps:.6g}  [mechanism={mechanism}, accountant={name}, delta={delta:g}, "
+              f"q={sched['sampling_rate']:g}, noise_multiplier={sigma:g}, steps={sched['steps']}"
+              f"{', ' + extra if extra else ''}]")
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
+    return 0
+
+
+def _other_calibrate(args, mechanism: str, sched: dict, target: float, delta: float) -> int:
+    from dpkit.accountants._search import smallest_feasible
+    from dpkit.accountants.calibration import calibrate_noise_multiplier
+    from dpkit.errors import CalibrationError
+
+    name = _mechanism_accountant(args, mechanism)
+    notes: list[str] = []
+    _warn_large_delta(delta, sched, notes)
+    fn, echo = _mech.build(mechanism, args, sched, delta, name)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if mechanism == "fedavg":  # exactly DP-SGD's calibration at the cohort rate
+            sigma = calibrate_noise_multiplier(target, delta, sched["sampling_rate"], sched["steps"],
+                                               accountant=name)
+        elif mechanism == "admm":
+            from dpkit.admm.accounting import calibrate_admm_noise
+
+            sigma = calibrate_admm_noise(target, delta, sched["steps"], variant=echo["variant"],
+                                         sampling_rate=None if echo["variant"] == "centralized"
+                                         else sched["sampling_rate"], rtol=1e-3)
+        else:  # same contract as calibrate_noise_multiplier: never overshoots, minimal within 1e-3
+            sigma = smallest_feasible(
+                lambda s: fn(s)[0] <= target, start=1.0, lower=0.1, upper=1e4, rtol=1e-3,
+                unreachable=lambda: CalibrationError(
+                    f"--target-epsilon {target:g} is not reachable by --mechanism {mechanism} with "
+                    "--noise-multiplier <= 1e4"))
+        achieved, details = fn(sigma)
+    notes.extend(dict.fromkeys(f"{name}: {w.message}" for w in caught))
+    if args.json:
+        out = {"noise_multiplier": sigma, "epsilon": achieved, "accountant": name, "target_epsilon": target,
+               "delta": delta, **sched, "method": details, "mechanism": mechanism, **echo}
+        if notes:
+            out["notes"] = notes
+        print(json.dumps(out))
+    else:
+        print(f"noise_multiplier = {sigma:.6g}  (epsilon = {achieved:.6g} <= target {target:g}; "
+              f"mechanism={mechanism}, accountant={name}, delta={delta:g}, q={sched['sampling_rate']:g}, "
+              f"steps={sched['steps']})")
         for note in notes:
             print(f"note: {note}", file=sys.stderr)
     return 0

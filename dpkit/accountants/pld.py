@@ -56,8 +56,6 @@ _COARSE_POINTS = 2**13
 _PROBE_POINTS = 2**12
 #: dp_accounting's tail-mass truncation of a self-composition (pld_pmf.self_compose's default)
 _TAIL_MASS = 1e-15
-#: single-step privacy-loss ranges beyond this are not discretised at all (σ far below 1e-3)
-_MAX_LOSS_RANGE = 1e9
 #: grid steps beyond this (loss units) are not used (dp_accounting computes expm1(step))
 _MAX_STEP = 100.0
 #: Chernoff orders of the truncation bounds, per support length (see _bounds)
@@ -129,12 +127,13 @@ def composed_width(leaf, count: int, relation) -> float:
     The self-composition is truncated to the index range of :func:`_bounds`; those bounds, taken
     on a probe grid of ~4,096 points, give the width W, and a grid of step v has about W / v
     points. Returns ``math.inf`` when a single release's loss range is beyond any grid (σ far
-    below 1e-3).
+    below 1e-3,
+    or a probe step beyond :data:`_MAX_STEP`).
     """
     loss_range = _loss_range(leaf)
-    if loss_range > _MAX_LOSS_RANGE:
-        return math.inf
     v = max(loss_range / _PROBE_POINTS, 1e-6)
+    if v > _MAX_STEP:
+        return math.inf
     probe = _DPAPLDAccountant(relation, value_discretization_interval=v)
     probe.compose(leaf)
     width = 0.0
@@ -304,11 +303,11 @@ class PLDAccountant(DpAccountingBacked):
 
     def _answer(self, query, rdp_query) -> float:
         """Run ``query(PLD)`` on the grids chosen as in the module docstring."""
-        width = self._width()
-        if width == 0:  # nothing but no-op releases: ε = δ = 0
-            self._details = {"method": "no_op"}
-            return 0.0
         try:
+            width = self._width()
+            if width == 0:  # nothing but no-op releases: ε = δ = 0
+                self._details = {"method": "no_op"}
+                return 0.0
             return self._answer_on_grids(query, rdp_query, width)
         except (OverflowError, MemoryError, FloatingPointError) as exc:
             self._details = {"method": "rdp", "reason": f"PLD failed ({type(exc).__name__})"}
