@@ -441,3 +441,32 @@ def test_bf16_autocast_step_is_not_mistaken_for_a_functional_use(mode):
             loss = model(torch.randn(6, 16)).float().pow(2).mean()
         loss.backward()
         assert engine.accumulate() == 6
+
+
+class _GRUTimeMajorHead(nn.Module):
+    """Time-major GRU (fixes the batch on axis 1) then a position-wise Linear on (T, B, H)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gru, self.out = nn.GRU(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):  # x: (B, T, 3)
+        return self.out(self.gru(x.transpose(0, 1))[0]).transpose(0, 1)
+
+
+def test_undeclared_batch_read_on_a_time_major_layer():
+    """No declaration: n comes from the GRU's axis 1; the Linear's (T, B, H) is exact for T ≠ B
+    and refused for T == B (axis 0 could hold the batch just as well)."""
+    torch.manual_seed(17)
+    model = _GRUTimeMajorHead()
+    x, y = torch.randn(4, 6, 3), torch.randn(4, 6, 2)
+    expected = clipped_sum(per_example_grads(model, (x, y), _seq_loss), 0.05)
+    engine = GradientEngine(model, max_grad_norm=0.05, loss_reduction="sum")
+    _seq_loss(model, (x, y)).backward()
+    assert engine.accumulate() == 4
+    _assert_matches(engine, model, expected)
+    fresh = _GRUTimeMajorHead()
+    engine = GradientEngine(fresh, max_grad_norm=0.05, loss_reduction="sum")
+    _seq_loss(fresh, (torch.randn(4, 4, 3), torch.randn(4, 4, 2))).backward()
+    with pytest.raises(AmbiguousStepError, match="module 'out'"):
+        engine.accumulate()
