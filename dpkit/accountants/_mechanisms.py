@@ -142,18 +142,17 @@ def dicesgd_event(sigma: float, q: float, steps: int, *, clip1: float, clip2: fl
 
 def build(mechanism: str, args, sched: dict, delta: float, accountant: str):
     """``(epsilon_of_sigma, echoed parameters)`` for a non-DP-SGD mechanism (flags validated)."""
+    from dpkit.accountants.registry import make_accountant
+
     q, steps = sched["sampling_rate"], sched["steps"]
     if mechanism == "fedavg":
         from dpkit.accountants.events import dpsgd_event
-        from dpkit.accountants.registry import make_accountant
 
         def fedavg(sigma):
             acc = make_accountant(accountant).compose(dpsgd_event(sigma, q, steps))
             return acc.epsilon(delta), _details(acc)
         return fedavg, {}
     if mechanism == "dicesgd":
-        from dpkit.accountants.registry import make_accountant
-
         clip1 = V.positive("--clip1", 1.0 if args.clip1 is None else args.clip1)
         clip2 = V.positive("--clip2", args.clip2)
         if args.expected_batch_size is not None:
