@@ -293,9 +293,9 @@ class GradientEngine:
         """Declare the number of examples in the next physical batch (``None``: unknown).
 
         dpkit's data loader calls it right before yielding each batch. A forward pass of the
-        model is matched to ``n`` when one of its input tensors is (a view of) a tensor of
-        ``batch`` — so batches consumed later than they were yielded (prefetched lists, ``zip``)
-        keep their own n — or, failing that, when the latest declaration's n is the size of axis 0
+        model is matched to ``n`` when one of its input tensors is a tensor of ``batch`` or a
+        view of all of it (a transpose: time-major models) — so batches consumed later than they
+        were yielded (prefetched lists, ``zip``) keep their own n — or, failing that, when the latest declaration's n is the size of axis 0
         of one of its inputs (the loader's layout; moving a batch to a device keeps the shape).
         Each captured tensor of a matched pass must carry n examples on its declared or provable
         batch axis (see the module docstring), so a time-major layer is clipped per example, not
@@ -475,10 +475,14 @@ class GradientEngine:
         if self._region == "different":
             return None
         leaves = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-        storages = {t.untyped_storage().data_ptr() for t in leaves if t.numel()}
-        for m, refs in reversed(self._bound):  # an input that IS (a view of) a declared batch
-            if any(r() is not None and r().untyped_storage().data_ptr() in storages for r in refs):
-                return m
+        # an input that IS a declared batch tensor or a view of all of it (transpose, reshape); a
+        # slice (micro-batch) holds fewer examples and is not bound
+        views = {(t.untyped_storage().data_ptr(), t.numel()) for t in leaves if t.numel()}
+        for m, refs in reversed(self._bound):
+            for r in refs:
+                t = r()
+                if t is not None and (t.untyped_storage().data_ptr(), t.numel()) in views:
+                    return m
         n = self._expected
         if n is not None and any(t.dim() > 0 and t.shape[0] == n for t in leaves):
             return n

@@ -470,3 +470,19 @@ def test_undeclared_batch_read_on_a_time_major_layer():
     _seq_loss(fresh, (torch.randn(4, 4, 3), torch.randn(4, 4, 2))).backward()
     with pytest.raises(AmbiguousStepError, match="module 'out'"):
         engine.accumulate()
+
+
+def test_micro_batches_sliced_from_a_declared_batch_are_not_bound_to_it():
+    """Splitting a loader batch of 8 sequences of length 8 into halves: each half holds 4
+    examples; binding it to n = 8 would clip per position (axis 1)."""
+    torch.manual_seed(18)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x, y = torch.randn(8, 8, 3), torch.randn(8, 8, 2)
+    expected = clipped_sum(per_example_grads(model, (x, y), _seq_loss), 0.05)
+    engine = GradientEngine(model, max_grad_norm=0.05, loss_reduction="sum")
+    engine.expect_batch(8, batch=(x, y))
+    for half in (slice(0, 4), slice(4, 8)):
+        _seq_loss(model, (x[half], y[half])).backward()
+    engine.accumulate()
+    assert engine.examples_seen == 8
+    _assert_matches(engine, model, expected)
