@@ -5,6 +5,9 @@
   optimizer (:class:`FedAdam`, Reddi et al., ICLR 2021), accounting of ``dpsgd_event(z, q)`` per
   round, optional :class:`AdaptiveClipping` (Andrew et al., NeurIPS 2021) with its count release
   accounted jointly.
+* :class:`CorrelatedRounds` — DP-FTRL / BandMF across rounds (Kairouz et al., ICML 2021;
+  Choquette-Choo et al., NeurIPS 2023 / ICLR 2024): correlated noise over the rounds with the
+  cohort sampler and accountant that match it.
 * :class:`FederatedSimulation` — clients trained in process, progress bar, JSON-lines log, canary
   clients (:class:`Canaries`, Andrew et al., ICLR 2024) for a one-shot ε̂.
 * Data: :func:`dirichlet_partition`, :func:`digits_clients`, :func:`synthetic_clients`.
@@ -16,6 +19,7 @@ from dpkit._lazy import lazy_exports
 _PUBLIC = {
     "DPFedAvg": "dp_fedavg",
     "FederatedSimulation": "simulation",
+    "CorrelatedRounds": "rounds",
     "LocalTrainer": "client",
     "federated_parameters": "client",
     "AdaptiveClipping": "adaptive",

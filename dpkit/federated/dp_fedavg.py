@@ -32,6 +32,7 @@ from dpkit.accountants import dpsgd_event
 from dpkit.accountants.registry import fresh_accountant
 from dpkit.federated import _seeds
 from dpkit.federated.adaptive import AdaptiveClipping, update_noise_multiplier
+from dpkit.federated.rounds import CorrelatedRounds, build_round_mechanism
 from dpkit.federated.server_opt import make_server_optimizer
 from dpkit.mechanisms.noise import GaussianNoise
 
@@ -59,6 +60,10 @@ class DPFedAvg:
             for tests: it emits :class:`~dpkit.errors.SeededRandomnessWarning`.
         secure_mode: draw sampling and noise from fresh OS entropy every round (:class:`GaussianNoise`
             secure mode); the run is then not reproducible and ``seed`` must be None.
+        correlated: a :class:`~dpkit.federated.rounds.CorrelatedRounds` (DP-FTRL / BandMF across
+            rounds): the cohort sampler, the noise ``z·S·sens·(C⁻¹Z)_t`` and the matching
+            accountant are built from it (see :mod:`dpkit.federated.rounds`); None: fresh noise
+            every round (DP-FedAvg).
 
     Raises:
         ValueError, TypeError: an argument of the wrong kind or out of range.
@@ -66,7 +71,7 @@ class DPFedAvg:
 
     def __init__(self, params: Sequence[torch.Tensor], *, num_clients, sampling_rate, noise_multiplier,
                  clip_norm, server_optimizer="fedavg", adaptive_clipping: AdaptiveClipping | None = None,
-                 accountant="pld", seed=None, secure_mode=False):
+                 accountant="pld", seed=None, secure_mode=False, correlated: CorrelatedRounds | None = None):
         if isinstance(params, torch.Tensor) or not all(isinstance(p, torch.Tensor) for p in params):
             raise TypeError("params must be a sequence of tensors (the global model's parameters)")
         if len(params) == 0:
@@ -92,7 +97,20 @@ class DPFedAvg:
         else:
             self.count_stddev = None
             self.update_noise_multiplier = self.noise_multiplier
-        self.accountant = fresh_accountant(accountant)
+        if correlated is not None and not isinstance(correlated, CorrelatedRounds):
+            raise TypeError(f"correlated must be a CorrelatedRounds or None; got {type(correlated).__name__}")
+        if correlated is not None and adaptive_clipping is not None:
+            raise ValueError("adaptive_clipping must be None with correlated rounds: its count release is "
+                             "accounted as independent per-round noise, which correlated rounds do not add")
+        self.correlated = correlated
+        self._correlated_noise = self._cohort_sampler = None
+        if correlated is not None:
+            self._correlated_noise, self._cohort_sampler, self.accountant = build_round_mechanism(
+                correlated, num_clients=self.num_clients, sampling_rate=self.sampling_rate,
+                noise_multiplier=self.noise_multiplier, seed=self.seed, accountant=accountant)
+            self.expected_cohort = self.sampling_rate * self.num_clients / correlated.num_groups
+        else:
+            self.accountant = fresh_accountant(accountant)
         self.step_event = dpsgd_event(self.noise_multiplier, self.sampling_rate, 1)
         if not self.accountant.supports(self.step_event):
             raise ValueError(f"accountant {self.accountant.name!r} cannot account Poisson-sampled rounds")
@@ -109,9 +127,13 @@ class DPFedAvg:
         a round return the same cohort. It may be empty.
         """
         if self._cohort is None or self._cohort[0] != self.round:
-            g = _seeds.generator(None if self.secure_mode else self.seed, _seeds.SAMPLING, self.round)
-            mask = torch.rand(self.num_clients, generator=g, dtype=torch.float64) < self.sampling_rate
-            self._cohort = (self.round, mask.nonzero().flatten().tolist())
+            if self._cohort_sampler is not None:   # cyclic participation: group round mod b
+                self._check_round_available()
+                self._cohort = (self.round, sorted(self._cohort_sampler.batch(self.round)))
+            else:
+                g = _seeds.generator(None if self.secure_mode else self.seed, _seeds.SAMPLING, self.round)
+                mask = torch.rand(self.num_clients, generator=g, dtype=torch.float64) < self.sampling_rate
+                self._cohort = (self.round, mask.nonzero().flatten().tolist())
         return list(self._cohort[1])
 
     # ------------------------------------------------------------------ aggregation
@@ -140,6 +162,7 @@ class DPFedAvg:
         """
         if not isinstance(updates, Mapping):
             raise TypeError(f"updates must be a mapping client index -> update; got {type(updates).__name__}")
+        self._check_round_available()
         cohort = set(self.sample_cohort())
         for k in updates:
             if k not in cohort:
@@ -161,7 +184,10 @@ class DPFedAvg:
             centred_count += (1.0 if norm <= clip else 0.0) - 0.5
         if self.update_noise_multiplier > 0:
             std = self.update_noise_multiplier * clip
-            noise = self._noise(_seeds.NOISE).sample(self.round, self.params)
+            if self._correlated_noise is not None:   # sens·(C⁻¹Z)_t, streamed (DP-FTRL / BandMF)
+                noise = self._correlated_noise.sample(self.round, self.params)
+            else:
+                noise = self._noise(_seeds.NOISE).sample(self.round, self.params)
             for s, z in zip(sums, noise):
                 s.add_(z, alpha=std)
         mean = [s / self.expected_cohort for s in sums]
@@ -191,6 +217,11 @@ class DPFedAvg:
         if self.secure_mode:
             return GaussianNoise(secure_mode=True)
         return GaussianNoise(_seeds.generator(self.seed, purpose, self.round))
+
+    def _check_round_available(self) -> None:
+        if self.correlated is not None and self.round >= self.correlated.rounds:
+            raise ValueError(f"round {self.round + 1} is past the {self.correlated.rounds} rounds of the correlated "
+                             "strategy (its noise and account cover only those): build a longer strategy")
 
     def _check_update(self, k, delta) -> list[torch.Tensor]:
         if isinstance(delta, torch.Tensor) or len(delta) != len(self.params):
@@ -222,13 +253,17 @@ class DPFedAvg:
                 # deep copy: torch returns live references to its state tensors, and its
                 # load_state_dict reuses them, so two servers would otherwise share moments
                 "server_optimizer": copy.deepcopy(self.server_optimizer.state_dict()),
-                "accountant": self.accountant.state_dict()}
+                "accountant": self.accountant.state_dict(),
+                "correlated_noise": (None if self._correlated_noise is None
+                                     else self._correlated_noise.state_dict()),
+                "cohort_sampler": None if self._cohort_sampler is None else self._cohort_sampler.state_dict()}
 
     def _settings(self) -> dict:
         # what a resumed run must repeat: the cohort and noise of round t depend on them
         return {"num_clients": self.num_clients, "sampling_rate": self.sampling_rate,
                 "noise_multiplier": self.noise_multiplier,
                 "update_noise_multiplier": self.update_noise_multiplier,
+                "correlated": repr(self.correlated),
                 "shapes": [tuple(p.shape) for p in self.params]}
 
     def load_state_dict(self, state: dict) -> None:
@@ -258,6 +293,10 @@ class DPFedAvg:
         self.server_optimizer.load_state_dict(copy.deepcopy(state["server_optimizer"]))
         self.accountant.load_state_dict(state["accountant"])
         self.seed = None if self.secure_mode else int(state["seed"])
+        if self._correlated_noise is not None:
+            self._correlated_noise.load_state_dict(state["correlated_noise"])
+        if self._cohort_sampler is not None:
+            self._cohort_sampler.load_state_dict(state["cohort_sampler"])
         self.round, self.clip_norm, self._cohort = int(state["round"]), float(state["clip_norm"]), None
 
     def __repr__(self):

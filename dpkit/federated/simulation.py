@@ -56,6 +56,8 @@ class FederatedSimulation:
         progress: show a tqdm progress bar.
         epsilon_every: compute ε every this many rounds (and at the last one); others log null.
         eval_every: evaluate on the test set every this many rounds (and at the last one).
+        correlated: a :class:`~dpkit.federated.rounds.CorrelatedRounds` for DP-FTRL / BandMF
+            across rounds (see :class:`~dpkit.federated.dp_fedavg.DPFedAvg`); None: DP-FedAvg.
 
     Raises:
         ValueError, TypeError: an argument of the wrong kind or out of range.
@@ -65,7 +67,8 @@ class FederatedSimulation:
                  sampling_rate, noise_multiplier, clip_norm, local_epochs=1, local_batch_size=10,
                  loss_fn=None, server_optimizer="fedavg", adaptive_clipping: AdaptiveClipping | None = None,
                  accountant="pld", delta=1e-5, seed=None, secure_mode=False, num_canaries=0,
-                 canary_seed=None, log_path=None, progress=True, epsilon_every=1, eval_every=1):
+                 canary_seed=None, log_path=None, progress=True, epsilon_every=1, eval_every=1,
+                 correlated=None):
         if not isinstance(data, FederatedData):
             raise TypeError(f"data must be a dpkit.federated.FederatedData; got {type(data).__name__}")
         self.trainer = LocalTrainer(model, client_optimizer, epochs=local_epochs,
@@ -82,7 +85,7 @@ class FederatedSimulation:
                                sampling_rate=sampling_rate, noise_multiplier=noise_multiplier,
                                clip_norm=clip_norm, server_optimizer=server_optimizer,
                                adaptive_clipping=adaptive_clipping, accountant=accountant, seed=seed,
-                               secure_mode=secure_mode)
+                               secure_mode=secure_mode, correlated=correlated)
         self.dim = sum(p.numel() for p in self.server.params)
         self.canaries = None
         self._initial = self._flat(self.server.params)
