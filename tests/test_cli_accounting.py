@@ -307,3 +307,31 @@ class _no_raise:
 
     def __exit__(self, *exc):
         return False
+
+
+# ---------------------------------------------------------------- dpkit plan
+def test_plan_rows_are_feasible_minimal_and_sorted(capsys):
+    data = _cli(capsys, "plan", "--dataset-size", "1000", "--target-epsilon", "2", "--delta", "1e-5",
+                "--batch-sizes", "50", "200", "--epochs", "1", "5", "--max-grad-norm", "0.5")
+    rows = data["rows"]
+    assert len(rows) == 4 and data["accountant"] == "rdp"
+    ratios = [r["noise_to_signal"] for r in rows]
+    assert ratios == sorted(ratios)
+    for r in rows:
+        assert r["steps"] == math.ceil(r["epochs"] * math.ceil(1000 / r["batch_size"]))
+        assert r["noise_to_signal"] == pytest.approx(r["noise_multiplier"] * 0.5 / r["batch_size"])
+        eps = lambda s: make_accountant("rdp").compose(  # noqa: E731
+            dpsgd_event(s, r["batch_size"] / 1000, r["steps"])).epsilon(1e-5)
+        assert eps(r["noise_multiplier"]) <= 2.0 < eps(r["noise_multiplier"] * (1 - 1e-2))
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--dataset-size", "100", "--target-epsilon", "1", "--delta", "1e-5", "--batch-sizes", "200"], "--batch-sizes"),
+    (["--dataset-size", "0", "--target-epsilon", "1", "--delta", "1e-5"], "--dataset-size"),
+    (["--dataset-size", "100", "--target-epsilon", "-1", "--delta", "1e-5"], "--target-epsilon"),
+    (["--dataset-size", "100", "--target-epsilon", "1", "--delta", "1e-5", "--epochs", "0"], "--epochs"),
+])
+def test_plan_bad_input(capsys, args, flag):
+    assert main(["plan", *args]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and flag in err
