@@ -62,6 +62,10 @@ batch-first one with batch T: let dpkit's loader declare n.
 hook saw; :meth:`accumulate` compares autograd's gradient of every parameter with what the engine
 captured and refuses a mismatch, naming the parameter (tie through a module instead).
 
+Output gradients that arrive in a backward pass computing no parameter gradient
+(``torch.autograd.grad(loss, x)``, e.g. crafting adversarial examples) are not training gradients
+and are ignored: the examples count once, through the pass that trains.
+
 **Copies.** ``copy.deepcopy(model)`` (EMA or evaluation copies) gives a plain model: the copy's
 layers run their class's forward with the copy's weights and record nothing.
 """
@@ -128,8 +132,9 @@ _MULTI_PASS_FIX = ("run the forward passes inside `with optimizer.same_examples(
 class _Generation:
     """The records of one forward pass (or of one ``same_examples`` block)."""
 
-    def __init__(self, index: int, kind: str | None, n: int | None, sink: dict):
+    def __init__(self, index: int, kind: str | None, n: int | None, sink: dict, trains):
         self.index, self.kind, self.n = index, kind, n
+        self.trains = trains  # () -> bool: does the running backward compute parameter gradients?
         self.uses: dict = {}  # module -> [weakref to _Record]: the autograd graph owns the records
         self.done: dict = {}  # module -> [_Record] whose output gradient arrived (owned here)
         self.backwards: set[int] = set()  # autograd graph tasks that delivered gradients
@@ -156,8 +161,10 @@ class _Slots(list):
         self._record = weakref.ref(record)
 
     def __setitem__(self, index, value):
-        super().__setitem__(index, value)
         record = self._record()
+        if record is not None and not record.gen.trains():
+            return  # torch.autograd.grad w.r.t. inputs only (e.g. adversarial examples): not training
+        super().__setitem__(index, value)
         if record is not None:
             record.gen.arrived(record)
 
@@ -263,6 +270,8 @@ class GradientEngine:
         self._region: str | None = None  # "same" / "different" inside the declaring blocks
         self._expected: int | None = None
         self._bound: list[tuple[int, list]] = []  # (n, weakrefs to the declared batch's tensors)
+        self._accumulators: list = []
+        self._trains_cache: tuple[int | None, bool] = (None, True)
         self._handles = []
         self._patched: list[nn.Module] = []
         self._silenced = False
@@ -397,8 +406,13 @@ class GradientEngine:
                 self._bk_params.update(id(p) for p in module.parameters(recurse=False))
         for p in self.params:
             self._handles.append(p.register_hook(self._param_hook(id(p))))
-        self._handles.append(self.model.register_forward_pre_hook(self._before_model_forward,
-                                                                  with_kwargs=True))
+        # gradient accumulators of the parameters: a backward that runs none of them trains nothing
+        self._accumulators = [p.view_as(p).grad_fn.next_functions[0][0] for p in self.params]
+        # a plain function, not a bound method: copy.deepcopy(model) would deep-copy the engine
+        def before_forward(module, args, kwargs):
+            return self._before_model_forward(module, args, kwargs)
+
+        self._handles.append(self.model.register_forward_pre_hook(before_forward, with_kwargs=True))
 
     def _install_forward(self, module, fn) -> None:
         module.forward = _EngineForward(module, fn)
@@ -460,8 +474,17 @@ class GradientEngine:
 
     def _new_generation(self, n: int | None = None) -> _Generation:
         self._generation += 1
-        self._current = _Generation(self._generation, self._region, n, self._records)
+        self._current = _Generation(self._generation, self._region, n, self._records,
+                                    self._backward_trains)
         return self._current
+
+    def _backward_trains(self) -> bool:
+        """Whether the running backward pass computes a gradient of some parameter (``backward()``
+        does; ``torch.autograd.grad(loss, x)`` for input gradients does not). Cached per pass."""
+        task = torch._C._current_graph_task_id()
+        if self._trains_cache[0] != task:
+            self._trains_cache = (task, any(_will_execute(node) for node in self._accumulators))
+        return self._trains_cache[1]
 
     def _declared_for(self, args, kwargs) -> int | None:
         """The declared batch size, if this forward pass carries that batch.
@@ -934,6 +957,13 @@ def _add_into(sums: dict, key, value: torch.Tensor) -> None:
 
 
 _LOW = (torch.float16, torch.bfloat16)
+
+
+def _will_execute(node) -> bool:
+    try:
+        return torch._C._will_engine_execute_node(node)
+    except RuntimeError:  # torch.autograd.grad(..., parameters): the leaf's gradient is captured
+        return True
 
 
 def _low_precision(contrib) -> bool:

@@ -486,3 +486,24 @@ def test_micro_batches_sliced_from_a_declared_batch_are_not_bound_to_it():
     engine.accumulate()
     assert engine.examples_seen == 8
     _assert_matches(engine, model, expected)
+
+
+@pytest.mark.parametrize("mode", ["bk", "per_sample"])
+def test_input_gradients_for_adversarial_examples_do_not_count(mode):
+    """FGSM-style training: autograd.grad w.r.t. the input, then train on x_adv. Each example
+    must count once (the training pass), not twice."""
+    torch.manual_seed(19)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    ce = lambda m, i: F.cross_entropy(m(i[0]), i[1], reduction="sum")  # noqa: E731
+    x_adv = x.clone().requires_grad_(True)
+    grad_x = torch.autograd.grad(ce(model, (x_adv, y)), x_adv)[0]  # before the engine: reference
+    x_adv = (x + 0.1 * grad_x.sign()).detach()
+    expected = clipped_sum(per_example_grads(model, (x_adv, y), ce), 0.05)
+    engine = GradientEngine(model, max_grad_norm=0.05, mode=mode, loss_reduction="sum")
+    probe = x.clone().requires_grad_(True)
+    torch.autograd.grad(ce(model, (probe, y)), probe)  # input gradient only
+    ce(model, (x_adv, y)).backward()
+    engine.accumulate()
+    assert engine.examples_seen == 5
+    _assert_matches(engine, model, expected)
