@@ -90,6 +90,11 @@ class DPFedAvg:
         if adaptive_clipping is not None and not isinstance(adaptive_clipping, AdaptiveClipping):
             raise TypeError(f"adaptive_clipping must be an AdaptiveClipping or None; got {type(adaptive_clipping).__name__}")
         self.adaptive_clipping = adaptive_clipping
+        if correlated is not None and not isinstance(correlated, CorrelatedRounds):
+            raise TypeError(f"correlated must be a CorrelatedRounds or None; got {type(correlated).__name__}")
+        if correlated is not None and adaptive_clipping is not None:
+            raise ValueError("adaptive_clipping must be None with correlated rounds: its count release is "
+                             "accounted as independent per-round noise, which correlated rounds do not add")
         self.expected_cohort = self.sampling_rate * self.num_clients  # public normaliser q·M
         if adaptive_clipping is not None:
             self.count_stddev = adaptive_clipping.resolve_count_stddev(self.expected_cohort)
@@ -97,11 +102,6 @@ class DPFedAvg:
         else:
             self.count_stddev = None
             self.update_noise_multiplier = self.noise_multiplier
-        if correlated is not None and not isinstance(correlated, CorrelatedRounds):
-            raise TypeError(f"correlated must be a CorrelatedRounds or None; got {type(correlated).__name__}")
-        if correlated is not None and adaptive_clipping is not None:
-            raise ValueError("adaptive_clipping must be None with correlated rounds: its count release is "
-                             "accounted as independent per-round noise, which correlated rounds do not add")
         self.correlated = correlated
         self._correlated_noise = self._cohort_sampler = None
         if correlated is not None:
