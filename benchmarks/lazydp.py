@@ -1,42 +1,43 @@
-"""LazyDP benchmark: per-step time and peak memory of non-private, eager DP-SGD and lazy DP-SGD.
+"""LazyDP benchmark: step time of non-private SGD, dpkit lazy DP-SGD and dpkit eager DP-SGD,
+measured side by side in ONE process with interleaved rounds; ratios printed as a table and JSON.
 
-One process. For each table size (default 1M and 10M rows × 64 columns) the three configurations
-train the same DLRM-style model — an ``EmbeddingBag`` (sum) over 256 bags × 8 ids = 2,048 lookups
-per step, plus a small MLP — one after the other (only one table lives in memory at a time).
+Workload (issue 17): a DLRM-style model — ``EmbeddingBag`` (sum) of ``--rows`` × 64 over
+512 bags × 8 ids = 4,096 lookups per step, then a small MLP — trained with SGD.
 
-* non-private: ``sparse=True`` embedding + plain SGD (the fastest PyTorch baseline: sparse grads);
-* eager DP-SGD: dpkit ``make_private`` (BK clipping), dense noise on the whole table every step;
-* lazy DP-SGD: the same with ``embedding_noise="lazy"`` (sparse row updates, pending noise).
+* non-private: ``sparse=True`` embedding + plain SGD (PyTorch's fastest baseline: sparse grads);
+* lazy: dpkit ``make_private`` (BK clipping) with ``embedding_noise="lazy"`` (default
+  :class:`~dpkit.mechanisms.lazy.GaussianRowNoise`: one aggregated draw per touched row);
+* lazy-keyed: the same with the order-independent Philox source
+  (:class:`~dpkit.mechanisms.lazy.CounterGaussianRowNoise`), for reproducibility;
+* eager: dpkit DP-SGD with dense noise on the whole table every step (the DP-SGD baseline).
 
-Time per step: median over ``--steps`` timed steps after one warm-up step. Peak memory: growth of
-the process's resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs before each
-configuration) over the RSS right before its first step — so the table itself (allocated before)
-is not counted, only what training adds. The flush of all pending noise (needed once before
-release) is timed separately for the lazy run.
+The only peer with per-sample embedding gradients, Opacus, materialises a (batch × rows × 64)
+per-sample gradient (512 × 1M × 64 floats = 128 GiB): it cannot run this workload.
 
-    python benchmarks/lazydp.py                 # 1M and 10M rows, 3 steps
-    python benchmarks/lazydp.py --rows 1000000 --steps 5 --json
+Each round runs ``--steps`` steps of every configuration in turn (all models live in memory at
+once); the per-configuration time is the median over rounds of the per-step mean. The floor of
+the lazy step is also measured: the non-private step plus ``torch.randn`` of the touched rows.
+The time to flush all pending noise (needed once before release) is reported separately.
+
+    python benchmarks/lazydp.py                        # 1M rows, 7 rounds x 3 steps
+    python benchmarks/lazydp.py --quick --json out.json
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import platform
 import statistics
-import sys
 import time
 
 import torch
 import torch.nn as nn
 
 import dpkit
+from dpkit.mechanisms.lazy import CounterGaussianRowNoise
 
-sys.path.insert(0, "benchmarks")
-import _harness as H  # noqa: E402
-
-DIM, BAGS, IDS_PER_BAG = 64, 256, 8
+DIM, IDS_PER_BAG = 64, 8
 
 
 class _DLRM(nn.Module):
@@ -49,82 +50,103 @@ class _DLRM(nn.Module):
         return self.mlp(self.table(ids)).squeeze(1)
 
 
-def run_config(config: str, rows: int, steps: int, seed: int = 0) -> dict:
-    """Train ``steps`` (+1 warm-up) steps of one configuration; return timings and memory."""
+def build(config: str, rows: int, bags: int, seed: int = 0):
+    """(model, optimizer) of one configuration."""
     torch.manual_seed(seed)
     with torch.no_grad():
         model = _DLRM(rows)
     base = torch.optim.SGD(model.parameters(), lr=0.05)
-    opt = base
-    if config != "non-private":
-        _, opt, _ = dpkit.make_private(model, base, None, max_grad_norm=1.0, noise_multiplier=1.0,
-                                       sample_rate=BAGS / 1e7, expected_batch_size=BAGS,
-                                       embedding_noise="lazy" if config == "lazy" else "eager",
-                                       generator=torch.Generator().manual_seed(seed))
-    g = torch.Generator().manual_seed(seed + 1)
-    batches = [(torch.randint(0, rows, (BAGS, IDS_PER_BAG), generator=g),
-                torch.randint(0, 2, (BAGS,), generator=g).float()) for _ in range(steps + 1)]
-    loss_fn = nn.BCEWithLogitsLoss()
-    gc.collect()
-    reset_ok = H.reset_peak()
-    rss_before = H.status_kib("VmRSS")
-    times = []
-    for i, (ids, y) in enumerate(batches):
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss_fn(model(ids), y).backward()
-        opt.step()
-        if i > 0:  # the first step is a warm-up
-            times.append(time.perf_counter() - t0)
-    peak = H.status_kib("VmHWM") if reset_ok else None
-    out = {"config": config, "rows": rows, "step_s": statistics.median(times),
-           "peak_mib": None if peak is None else max(peak - rss_before, 0) / 1024}
-    if config == "lazy":
-        t0 = time.perf_counter()
-        opt.flush()
-        out["flush_s"] = time.perf_counter() - t0
-    del model, opt, base, batches
-    gc.collect()
-    return out
+    if config == "non-private":
+        return model, base
+    emb = {"lazy": "lazy", "lazy-keyed": CounterGaussianRowNoise(seed), "eager": "eager"}[config]
+    _, opt, _ = dpkit.make_private(model, base, None, max_grad_norm=1.0, noise_multiplier=1.0,
+                                   sample_rate=bags / 1e7, expected_batch_size=bags, embedding_noise=emb,
+                                   generator=torch.Generator().manual_seed(seed))
+    return model, opt
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 10_000_000])
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per configuration")
-    parser.add_argument("--configs", nargs="+", default=["non-private", "eager", "lazy"])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--bags", type=int, default=512)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=3, help="steps per configuration per round")
+    parser.add_argument("--configs", nargs="+", default=["non-private", "lazy", "lazy-keyed", "eager"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quick", action="store_true", help="100k rows, 3 rounds (smoke run)")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1: on a shared machine, intra-op threads that "
-                             "wait for a busy core make small ops 100x slower)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+                        help="torch threads (default 1: stable timings on a shared machine)")
+    parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.rows, args.rounds = min(args.rows, 100_000), min(args.rounds, 3)
     torch.set_num_threads(args.threads)
-    if args.steps < 1 or any(r < BAGS * IDS_PER_BAG for r in args.rows):
-        parser.error("--steps must be >= 1 and --rows >= 2048")
-    results = [run_config(c, rows, args.steps) for rows in args.rows for c in args.configs]
-    machine = (f"{platform.machine()}, {torch.get_num_threads()} torch threads, CPU, torch {torch.__version__}; "
-               "shared 2-core machine (other jobs running: timings are noisy)")
-    ratios = []
-    for rows in args.rows:
-        by = {r["config"]: r for r in results if r["rows"] == rows}
-        if "eager" in by and "lazy" in by:
-            ratios.append({"rows": rows, "eager_over_lazy": by["eager"]["step_s"] / by["lazy"]["step_s"],
-                           "lazy_over_nonprivate": (by["lazy"]["step_s"] / by["non-private"]["step_s"]
-                                                    if "non-private" in by else None)})
+    if args.steps < 1 or args.rounds < 1 or args.rows < args.bags * IDS_PER_BAG:
+        parser.error("--steps and --rounds must be >= 1 and --rows >= bags * 8")
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    loss_fn = nn.BCEWithLogitsLoss()
+    g = torch.Generator().manual_seed(1)
+    n_batches = (args.rounds + 1) * args.steps
+    batches = [(torch.randint(0, args.rows, (args.bags, IDS_PER_BAG), generator=g).to(device),
+                torch.randint(0, 2, (args.bags,), generator=g).float().to(device)) for _ in range(n_batches)]
+    runs = {}
+    for c in args.configs:
+        model, opt = build(c, args.rows, args.bags)
+        runs[c] = (model.to(device), opt)
+
+    def step(model, opt, ids, y):
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(ids), y).backward()
+        opt.step()
+
+    def floor_step(model, opt, ids, y):  # non-private + the noise draw of the touched rows
+        step(model, opt, ids, y)
+        torch.randn(int(torch.unique(ids).numel()), DIM, device=device)
+
+    timed = {c: [] for c in args.configs}
+    timed["floor (non-private + randn of touched rows)"] = []
+    fns = {c: step for c in args.configs}
+    fns["floor (non-private + randn of touched rows)"] = floor_step
+    for r in range(args.rounds + 1):  # round 0 is a warm-up
+        for name, fn in fns.items():
+            model, opt = runs.get(name, runs.get("non-private"))
+            sync()
+            t0 = time.perf_counter()
+            for ids, y in batches[r * args.steps:(r + 1) * args.steps]:
+                fn(model, opt, ids, y)
+            sync()
+            if r > 0:
+                timed[name].append((time.perf_counter() - t0) / args.steps)
+    ms = {c: 1e3 * statistics.median(v) for c, v in timed.items() if v}
+    spread = {c: [1e3 * min(v), 1e3 * max(v)] for c, v in timed.items() if v}
+    base = ms.get("non-private")
+    out = {"machine": f"{platform.machine()} {platform.processor() or ''}, {device}, "
+                      f"{torch.get_num_threads()} torch threads, torch {torch.__version__}",
+           "workload": {"rows": args.rows, "dim": DIM, "bags": args.bags, "ids_per_bag": IDS_PER_BAG,
+                        "rounds": args.rounds, "steps_per_round": args.steps},
+           "ms_per_step": ms, "ms_min_max": spread,
+           "ratio_to_non_private": {c: v / base for c, v in ms.items()} if base else None}
+    for c in ("lazy", "lazy-keyed"):
+        if c in runs:
+            sync()
+            t0 = time.perf_counter()
+            runs[c][1].flush()
+            sync()
+            out.setdefault("flush_s", {})[c] = time.perf_counter() - t0
+    print(f"LazyDP benchmark — {out['machine']}")
+    print(f"EmbeddingBag {args.rows:,} x {DIM}, {args.bags} bags x {IDS_PER_BAG} ids + MLP; "
+          f"median of {args.rounds} interleaved rounds x {args.steps} steps\n")
+    print(f"{'config':<46}{'ms/step':>9}{'min-max':>15}{'x non-private':>15}")
+    for c, v in ms.items():
+        ratio = f"{v / base:.2f}" if base else "n/a"
+        print(f"{c:<46}{v:>9.2f}{spread[c][0]:>7.1f}-{spread[c][1]:<7.1f}{ratio:>15}")
+    for c, s in out.get("flush_s", {}).items():
+        print(f"flush of all pending noise ({c}): {s:.2f} s")
+    print(json.dumps(out))
     if args.json:
-        print(json.dumps({"machine": machine, "dim": DIM, "lookups_per_step": BAGS * IDS_PER_BAG,
-                          "results": results, "ratios": ratios}, indent=2))
-        return 0
-    print(f"LazyDP benchmark — {machine}\n{DIM} columns, {BAGS * IDS_PER_BAG} lookups per step\n")
-    print(f"{'rows':>11} {'config':>12} {'ms/step':>10} {'peak MiB':>9} {'flush s':>8}")
-    for r in results:
-        peak = "n/a" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
-        flush = f"{r['flush_s']:.2f}" if "flush_s" in r else ""
-        print(f"{r['rows']:>11,} {r['config']:>12} {1e3 * r['step_s']:>10.1f} {peak:>9} {flush:>8}")
-    print()
-    for q in ratios:
-        extra = "" if q["lazy_over_nonprivate"] is None else f", lazy/non-private {q['lazy_over_nonprivate']:.2f}x"
-        print(f"{q['rows']:>11,} rows: eager/lazy {q['eager_over_lazy']:.0f}x{extra}")
+        with open(args.json, "w") as fh:
+            json.dump(out, fh, indent=1)
     return 0
 
 

@@ -26,15 +26,20 @@ accuracy to cancellation (relative error ≈ 1e-16, not 1e-16 · S_a / (S_b − 
 with the number of steps when λ > 0; :class:`StepHistory` asks for a rebase (a flush of every row
 followed by a reset of the prefix arrays) before it can overflow.
 
-Randomness (:class:`CounterGaussianRowNoise`): the standard normal vector for the pending noise of
-(table, row, [a, b)) is a pure function of (seed, table, row, a, b), computed with the Philox4x32-10
-counter-based generator (Salmon, Moraes, Dror, Shaw, SC 2011 "Parallel random numbers: as easy as
-1, 2, 3") vectorised in numpy uint64 arithmetic, then Box–Muller on 53-bit uniforms. Ranges of one
-row are disjoint, so every draw has a distinct counter: draws are independent across rows, tables
-and steps (as far as Philox is a pseudo-random function), reproducible, and order-independent.
-A flush of a whole table (``bulk=True``) instead draws from one sequential torch generator stream
-owned by the source (never re-seeded, checkpointed): 3-8x faster than the numpy Philox (measured,
-one thread), and still one fresh, independent draw per (row, range).
+Randomness. The default source, :class:`GaussianRowNoise`, makes ONE aggregated draw of
+N(0, V(a, b)·I_d) per row and range from a sequential ``torch.Generator`` stream on the table's
+device (never re-seeded; its state is checkpointed through the optimizer's ``state_dict``, so a
+resumed run continues the stream and never replays noise). Every draw is a fresh, independent
+standard normal vector, so the weights have exactly eager DP-SGD's distribution; what is given up
+is order independence (the same seed gives the same run only for the same sequence of reads).
+
+Where the noise must be regenerable independently of the order of reads,
+:class:`CounterGaussianRowNoise` computes the standard normal vector of (table, row, [a, b)) as a
+pure function of (seed, table, row, a, b) with the Philox4x32-10 counter-based generator (Salmon,
+Moraes, Dror, Shaw, SC 2011 "Parallel random numbers: as easy as 1, 2, 3") vectorised in numpy
+uint64 arithmetic, then Box–Muller on 53-bit uniforms. Ranges of one row are disjoint, so every
+draw has a distinct counter: independent across rows, tables and steps (as far as Philox is a
+pseudo-random function), reproducible, and order-independent — and ≈ 10x slower than the stream.
 """
 
 from __future__ import annotations
@@ -42,12 +47,14 @@ from __future__ import annotations
 import abc
 import hashlib
 import math
+import zlib
 
 import numpy as np
 import torch
 
 from dpkit import _validate
 from dpkit.mechanisms.noise import NoiseMechanism
+from dpkit.mechanisms.randomness import mix
 
 _MASK32 = 0xFFFFFFFF
 _PHILOX_M0, _PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
@@ -283,16 +290,19 @@ class RowNoise(abc.ABC):
 
     @abc.abstractmethod
     def combined(self, table: str, rows: torch.Tensor, starts: torch.Tensor, stop: int,
-                 history: StepHistory, shape: tuple[int, int], bulk: bool = False) -> torch.Tensor:
-        """(len(rows), shape[1]) float64 tensor of pending noise (see class docstring).
+                 history: StepHistory, shape: tuple[int, int], bulk: bool = False,
+                 dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """(len(rows), shape[1]) tensor of pending noise of ``dtype`` on ``rows.device`` (see
+        the class docstring).
 
         ``bulk=True`` marks a flush of many rows: a source may then draw from a faster sequential
         stream, as long as every draw stays independent of all others.
         """
 
     def combined_pair(self, table: str, rows: torch.Tensor, starts: torch.Tensor, stop: int,
-                      segment: MomentumSegment, shape: tuple[int, int], bulk: bool = False) -> torch.Tensor:
-        """(len(rows), 2, shape[1]) float64 pending noise of (weight, momentum buffer):
+                      segment: MomentumSegment, shape: tuple[int, int], bulk: bool = False,
+                      dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """(len(rows), 2, shape[1]) pending noise of (weight, momentum buffer), of ``dtype``:
         Σ_{u=starts_i}^{stop−1} A^(stop−u−1) β z_{row_i, u} (see :class:`MomentumSegment`)."""
         raise NotImplementedError(f"{type(self).__name__} does not support momentum")
 
@@ -303,11 +313,95 @@ class RowNoise(abc.ABC):
         """Restore :meth:`state_dict`."""
 
 
+def _check_seed(seed) -> int:
+    seed = _validate.positive_int("seed", seed, allow_zero=True)
+    if seed >= 2**64:
+        raise ValueError(f"seed must be < 2**64; got {seed}")
+    return seed
+
+
+def _pair_cholesky(q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(L11, L21, L22) of each 2x2 covariance in ``q`` (n, 2, 2); Q(1) = ββᵀ is singular (rank
+    one): L22 = 0 there."""
+    l11 = np.sqrt(q[:, 0, 0])
+    l21 = np.divide(q[:, 1, 0], l11, out=np.zeros_like(l11), where=l11 > 0)
+    l22 = np.sqrt(np.clip(q[:, 1, 1] - l21 ** 2, 0.0, None))
+    return l11, l21, l22
+
+
+def _correlate_pair(z: torch.Tensor, q: np.ndarray) -> torch.Tensor:
+    """(n, 2, d) joint (weight, momentum) noise L z from standard normals ``z`` (n, 2d)."""
+    d = z.shape[1] // 2
+    l11, l21, l22 = (torch.from_numpy(v).to(z.device, z.dtype).unsqueeze(1) for v in _pair_cholesky(q))
+    z1, z2 = z[:, :d], z[:, d:]
+    return torch.stack([l11 * z1, l21 * z1 + l22 * z2], 1)
+
+
+class GaussianRowNoise(RowNoise):
+    """Aggregated Gaussian pending noise: ONE draw per (row, range) from a sequential stream.
+
+    LazyDP's aggregated noise sampling (Lim et al., ASPLOS 2024, Sec. 5.2): the b − a eager draws
+    of a row's skipped range [a, b) are replaced by one draw of N(0, V(a, b)·I_d)
+    (:meth:`StepHistory.variance`; with momentum the exact 2x2 joint covariance of
+    :class:`MomentumSegment`), taken from a ``torch.Generator`` on the table's device in the
+    table's dtype. The generator is seeded once from ``seed`` and never re-seeded; its state is
+    part of :meth:`state_dict`, so a resumed run continues the stream instead of replaying it.
+    Every draw is fresh and independent, so the weights have eager DP-SGD's distribution exactly.
+    The same seed reproduces a run only for the same sequence of reads; use
+    :class:`CounterGaussianRowNoise` where draws must not depend on the order of reads.
+
+    Args:
+        seed: 0 ≤ seed < 2**64 (dpkit passes 63 bits of OS entropy unless a generator is given).
+            Anyone who knows it and the stream position can regenerate the noise: checkpoints,
+            which hold both, are as secret as the model before release.
+
+    Raises:
+        TypeError/ValueError: a bad seed.
+    """
+
+    def __init__(self, seed: int):
+        self.seed = _check_seed(seed)
+        self._generators: dict[str, torch.Generator] = {}
+
+    def _generator(self, device) -> torch.Generator:
+        key = str(torch.device(device))
+        g = self._generators.get(key)
+        if g is None:  # one stream per device, seeded apart from the other devices' streams
+            g = torch.Generator(device=device)
+            g.manual_seed(mix(self.seed, zlib.crc32(key.encode())))
+            self._generators[key] = g
+        return g
+
+    def _normal(self, n: int, d: int, device, dtype) -> torch.Tensor:
+        return torch.randn(n, d, generator=self._generator(device), device=device, dtype=dtype)
+
+    def combined(self, table, rows, starts, stop, history, shape, bulk=False, dtype=torch.float64):
+        std = torch.from_numpy(np.sqrt(history.variance(starts.cpu().numpy(), stop)))
+        z = self._normal(rows.numel(), shape[1], rows.device, dtype)
+        return z.mul_(std.to(rows.device, dtype).unsqueeze(1))
+
+    def combined_pair(self, table, rows, starts, stop, segment, shape, bulk=False, dtype=torch.float64):
+        q = segment.covariance(starts.cpu().numpy(), stop)
+        return _correlate_pair(self._normal(rows.numel(), 2 * shape[1], rows.device, dtype), q)
+
+    def state_dict(self):
+        return {"seed": self.seed, "generators": {k: g.get_state() for k, g in self._generators.items()}}
+
+    def load_state_dict(self, state):
+        self.seed = _check_seed(int(state["seed"]))
+        self._generators.clear()
+        for device, gstate in state["generators"].items():
+            self._generator(device).set_state(gstate)
+
+
 class CounterGaussianRowNoise(RowNoise):
     """Aggregated Gaussian pending noise from Philox keyed by (seed, table, row, step range).
 
     One draw of N(0, V(a, b)·I) replaces the b − a eager draws (LazyDP's aggregated noise
-    sampling); V comes from :meth:`StepHistory.variance`.
+    sampling); V comes from :meth:`StepHistory.variance`. The draw of a row's range depends only
+    on (seed, table, row, range), never on the order of reads: choose this source (pass it as
+    ``embedding_noise=``) where that reproducibility is needed. It is ≈ 10x slower than the
+    default :class:`GaussianRowNoise` (numpy Philox on the CPU).
 
     Flushes (``bulk=True``: many rows at once) draw their standard normals instead from ONE
     sequential ``torch.Generator`` stream (MT19937) owned by this object, 3-8x faster than the
@@ -324,10 +418,7 @@ class CounterGaussianRowNoise(RowNoise):
     """
 
     def __init__(self, seed: int):
-        seed = _validate.positive_int("seed", seed, allow_zero=True)
-        if seed >= 2**64:
-            raise ValueError(f"seed must be < 2**64; got {seed}")
-        self.seed = seed
+        self.seed = _check_seed(seed)
         self._keys: dict[str, tuple[int, int]] = {}
         self._bulk = torch.Generator().manual_seed(int.from_bytes(
             hashlib.blake2b(f"{seed}:bulk".encode(), digest_size=8).digest(), "little"))
@@ -340,30 +431,21 @@ class CounterGaussianRowNoise(RowNoise):
             self._keys[table] = (k & _MASK32, k >> 32)
         return self._keys[table]
 
-    def combined(self, table, rows, starts, stop, history, shape, bulk=False):
+    def _normal(self, table, rows, starts_np, stop, d, bulk):
+        if bulk:
+            return torch.randn(rows.numel(), d, dtype=torch.float64, generator=self._bulk)
+        return torch.from_numpy(philox_normal(self.key(table), rows.cpu().numpy(), starts_np, stop, d))
+
+    def combined(self, table, rows, starts, stop, history, shape, bulk=False, dtype=torch.float64):
         starts_np = starts.cpu().numpy()
         std = torch.from_numpy(np.sqrt(history.variance(starts_np, stop)))
-        if bulk:
-            z = torch.randn(rows.numel(), shape[1], dtype=torch.float64, generator=self._bulk)
-        else:
-            z = torch.from_numpy(philox_normal(self.key(table), rows.cpu().numpy(), starts_np, stop, shape[1]))
-        return (z * std.unsqueeze(1)).to(rows.device)
+        z = self._normal(table, rows, starts_np, stop, shape[1], bulk)
+        return (z * std.unsqueeze(1)).to(rows.device, dtype)
 
-    def combined_pair(self, table, rows, starts, stop, segment, shape, bulk=False):
+    def combined_pair(self, table, rows, starts, stop, segment, shape, bulk=False, dtype=torch.float64):
         starts_np = starts.cpu().numpy()
-        q = segment.covariance(starts_np, stop)
-        # Cholesky of each 2x2 covariance; Q(1) = ββᵀ is singular (rank one): L22 = 0 there
-        l11 = np.sqrt(q[:, 0, 0])
-        l21 = np.divide(q[:, 1, 0], l11, out=np.zeros_like(l11), where=l11 > 0)
-        l22 = np.sqrt(np.clip(q[:, 1, 1] - l21 ** 2, 0.0, None))
-        d = shape[1]
-        if bulk:
-            z = torch.randn(rows.numel(), 2 * d, dtype=torch.float64, generator=self._bulk)
-        else:
-            z = torch.from_numpy(philox_normal(self.key(table), rows.cpu().numpy(), starts_np, stop, 2 * d))
-        z1, z2 = z[:, :d], z[:, d:]
-        l11, l21, l22 = (torch.from_numpy(v).unsqueeze(1) for v in (l11, l21, l22))
-        return torch.stack([l11 * z1, l21 * z1 + l22 * z2], 1).to(rows.device)
+        z = self._normal(table, rows, starts_np, stop, 2 * shape[1], bulk)
+        return _correlate_pair(z, segment.covariance(starts_np, stop)).to(rows.device, dtype)
 
     def state_dict(self):
         return {"seed": self.seed, "bulk_state": self._bulk.get_state()}
@@ -409,24 +491,18 @@ class ProbeRowNoise(RowNoise, NoiseMechanism):
         flat = rows.cpu()[owner].unsqueeze(1) * shape[1] + torch.arange(shape[1])
         return owner, steps, self._value(steps.unsqueeze(1), flat, shape[0] * shape[1])
 
-    def combined_pair(self, table, rows, starts, stop, segment, shape, bulk=False):
+    def combined_pair(self, table, rows, starts, stop, segment, shape, bulk=False, dtype=torch.float64):
         owner, steps, z = self._expand(rows, starts, stop, shape)
         coef = torch.from_numpy(segment.coefficients(steps.numpy(), stop))  # (n, 2)
         out = torch.zeros(rows.numel(), 2, shape[1], dtype=torch.float64)
-        return out.index_add_(0, owner, coef.unsqueeze(2) * z.unsqueeze(1)).to(rows.device)
+        return out.index_add_(0, owner, coef.unsqueeze(2) * z.unsqueeze(1)).to(rows.device, dtype)
 
-    def combined(self, table, rows, starts, stop, history, shape, bulk=False):
-        counts = (stop - starts).cpu()
-        owner = torch.repeat_interleave(torch.arange(rows.numel()), counts)
-        first = torch.cumsum(counts, 0) - counts
-        steps = starts.cpu()[owner] + torch.arange(int(counts.sum())) - first[owner]
+    def combined(self, table, rows, starts, stop, history, shape, bulk=False, dtype=torch.float64):
+        owner, steps, z = self._expand(rows, starts, stop, shape)
         coef = torch.from_numpy(history.coefficients(steps.numpy(), stop))
-        cols = torch.arange(shape[1])
-        flat = rows.cpu()[owner].unsqueeze(1) * shape[1] + cols
-        z = self._value(steps.unsqueeze(1), flat, shape[0] * shape[1]) * coef.unsqueeze(1)
         out = torch.zeros(rows.numel(), shape[1], dtype=torch.float64)
-        return out.index_add_(0, owner, z).to(rows.device)
+        return out.index_add_(0, owner, z * coef.unsqueeze(1)).to(rows.device, dtype)
 
 
-__all__ = ["CounterGaussianRowNoise", "MomentumSegment", "ProbeRowNoise", "RowNoise", "StepHistory", "philox4x32",
-           "philox_normal"]
+__all__ = ["CounterGaussianRowNoise", "GaussianRowNoise", "MomentumSegment", "ProbeRowNoise", "RowNoise",
+           "StepHistory", "philox4x32", "philox_normal"]

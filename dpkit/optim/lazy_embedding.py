@@ -28,6 +28,7 @@ Adagrad / RMSprop keep non-linear per-coordinate statistics of the NOISY gradien
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -76,7 +77,8 @@ class LazyEmbeddingNoise:
         optimizer: the BASE optimizer (must be ``torch.optim.SGD``; momentum with dampening 0).
         model: the model whose ``nn.Embedding`` / ``nn.EmbeddingBag`` weights are made lazy
             (every one that is trainable and held by ``optimizer``).
-        row_noise: the pending-noise source (:class:`CounterGaussianRowNoise` for DP).
+        row_noise: the pending-noise source (:class:`GaussianRowNoise` or :class:`CounterGaussianRowNoise`
+            for DP).
         noise_std: σ·C, the std of the noise on the clipped SUM.
         expected_batch_size: public normaliser B̄.
         names: parameter name of each weight (used as the table's key).
@@ -143,42 +145,51 @@ class LazyEmbeddingNoise:
     # ------------------------------------------------------------ materialise
     @torch.no_grad()
     def _materialise(self, table: _Table, rows: torch.Tensor, stop: int, bulk: bool = False) -> None:
-        """Bring ``rows`` (unique) to step ``stop``: decay since ``det``, noise since ``noised``."""
+        """Bring ``rows`` (unique) to step ``stop``: decay since ``det``, noise since ``noised``.
+
+        Arithmetic in the table's dtype (as eager DP-SGD's); without weight decay the noise is
+        scattered in with one ``index_add_`` (no read-modify-write copy of the rows).
+        """
         det, noised = table.det[rows], table.noised[rows]
         late = noised < stop  # det ≥ noised, so this catches every row behind ``stop``
         if not bool(late.any()):
             return
         rows, det, noised = rows[late], det[late].long(), noised[late].long()
-        w = table.weight.index_select(0, rows).to(torch.float64)
+        weight, shape = table.weight, tuple(table.weight.shape)
         if table.segment is not None:
-            self._materialise_pair(table, rows, det, noised, w, stop, bulk)
-            return
-        decay = torch.from_numpy(table.history.decay(det.cpu().numpy(), stop)).to(w.device)
-        w.mul_(decay.unsqueeze(1))
-        if self.scale > 0:
-            # eager: w −= η·(σC z)/B̄ each step, so the pending noise enters with a minus sign
-            noise = self.row_noise.combined(table.name, rows, noised, stop, table.history,
-                                            tuple(table.weight.shape), bulk)
-            w.sub_(self.scale * noise.to(w.device))
-        table.weight.index_copy_(0, rows, w.to(table.weight.dtype))
+            self._materialise_pair(table, rows, det, noised, stop, bulk)
+        else:
+            decay = table.history.decay(det.cpu().numpy(), stop)
+            noise = None
+            if self.scale > 0:  # eager: w −= η·(σC z)/B̄ each step: the pending noise enters with a minus sign
+                noise = self.row_noise.combined(table.name, rows, noised, stop, table.history, shape, bulk,
+                                                dtype=weight.dtype).mul_(-self.scale)
+            if np.all(decay == 1.0):
+                if noise is not None:
+                    weight.index_add_(0, rows, noise)
+            else:
+                w = weight.index_select(0, rows)
+                w.mul_(torch.from_numpy(decay).to(w.device, w.dtype).unsqueeze(1))
+                if noise is not None:
+                    w.add_(noise)
+                weight.index_copy_(0, rows, w)
         table.det[rows] = stop
         table.noised[rows] = stop
 
-    def _materialise_pair(self, table, rows, det, noised, w, stop, bulk):
+    def _materialise_pair(self, table, rows, det, noised, stop, bulk):
         """Momentum: (w, m) ← A^k (w, m) + s·(joint pending noise) (see MomentumSegment)."""
-        m = table.momentum.index_select(0, rows).to(torch.float64)
-        phi = torch.from_numpy(table.segment.transition(det.cpu().numpy(), stop)).to(w.device)
+        w = table.weight.index_select(0, rows)
+        m = table.momentum.index_select(0, rows)
+        phi = torch.from_numpy(table.segment.transition(det.cpu().numpy(), stop)).to(w.device, w.dtype)
         w_new = phi[:, 0, 0, None] * w + phi[:, 0, 1, None] * m
         m_new = phi[:, 1, 0, None] * w + phi[:, 1, 1, None] * m
         if self.scale > 0:  # β = (−η, 1) carries the signs: the noise is added
             noise = self.row_noise.combined_pair(table.name, rows, noised, stop, table.segment,
-                                                 tuple(table.weight.shape), bulk).to(w.device)
+                                                 tuple(table.weight.shape), bulk, dtype=w.dtype)
             w_new.add_(noise[:, 0], alpha=self.scale)
             m_new.add_(noise[:, 1], alpha=self.scale)
-        table.weight.index_copy_(0, rows, w_new.to(table.weight.dtype))
-        table.momentum.index_copy_(0, rows, m_new.to(table.momentum.dtype))
-        table.det[rows] = stop
-        table.noised[rows] = stop
+        table.weight.index_copy_(0, rows, w_new)
+        table.momentum.index_copy_(0, rows, m_new)
 
     def _before_read(self, table: _Table):
         def hook(module, args, kwargs):
@@ -243,9 +254,13 @@ class LazyEmbeddingNoise:
             table.history.append(lr, wd)
             if rows.numel():
                 self._materialise(table, rows, t)
-                w = table.weight.index_select(0, rows).to(torch.float64)
-                w.mul_(1.0 - lr * wd).sub_(sums.to(torch.float64), alpha=lr / self.expected_batch_size)
-                table.weight.index_copy_(0, rows, w.to(table.weight.dtype))
+                sums = sums.to(table.weight.dtype)
+                if wd == 0.0:
+                    table.weight.index_add_(0, rows, sums, alpha=-lr / self.expected_batch_size)
+                else:
+                    w = table.weight.index_select(0, rows)
+                    w.mul_(1.0 - lr * wd).sub_(sums, alpha=lr / self.expected_batch_size)
+                    table.weight.index_copy_(0, rows, w)
                 table.det[rows] = t + 1
         self.steps = t + 1
         for table in self.tables.values():
@@ -263,12 +278,12 @@ class LazyEmbeddingNoise:
         table.segment.append()
         if rows.numel():
             self._materialise(table, rows, t)
-            w = table.weight.index_select(0, rows).to(torch.float64)
-            m = table.momentum.index_select(0, rows).to(torch.float64)
-            m.mul_(mu).add_(sums.to(torch.float64), alpha=1.0 / self.expected_batch_size).add_(w, alpha=wd)
+            w = table.weight.index_select(0, rows)
+            m = table.momentum.index_select(0, rows)
+            m.mul_(mu).add_(sums.to(m.dtype), alpha=1.0 / self.expected_batch_size).add_(w, alpha=wd)
             w.sub_(m, alpha=lr)
-            table.weight.index_copy_(0, rows, w.to(table.weight.dtype))
-            table.momentum.index_copy_(0, rows, m.to(table.momentum.dtype))
+            table.weight.index_copy_(0, rows, w)
+            table.momentum.index_copy_(0, rows, m)
             table.det[rows] = t + 1
 
     # ------------------------------------------------------------- checkpoints
@@ -354,15 +369,18 @@ def build_lazy_embedding_noise(embedding_noise, *, optimizer, engine, noise, gen
                                distributed, noise_std, expected_batch_size):
     """The :class:`LazyEmbeddingNoise` for :class:`dpkit.DPOptimizer`'s ``embedding_noise`` (None if eager).
 
-    The default pending-noise source is :class:`~dpkit.mechanisms.lazy.CounterGaussianRowNoise`
-    with a 62-bit seed drawn from ``generator`` (or torch's global generator).
+    The default pending-noise source is :class:`~dpkit.mechanisms.lazy.GaussianRowNoise` (one
+    aggregated draw per row from a checkpointed torch stream) seeded from ``generator``'s seed
+    (a stream of its own) or 63 bits of OS entropy; pass a
+    :class:`~dpkit.mechanisms.lazy.CounterGaussianRowNoise` for draws that do not depend on the
+    order of reads.
 
     Raises:
         ValueError/TypeError: a bad ``embedding_noise``, or lazy noise combined with something it
             cannot honour (secure mode, distributed training, a correlated-noise mechanism,
             tracking of unclipped sums), each named.
     """
-    from dpkit.mechanisms.lazy import CounterGaussianRowNoise
+    from dpkit.mechanisms.lazy import GaussianRowNoise
     from dpkit.mechanisms.randomness import LAZY_ROWS, fresh_seed, mix, seed_from_generator
     from dpkit.mechanisms.noise import GaussianNoise
 
@@ -378,8 +396,8 @@ def build_lazy_embedding_noise(embedding_noise, *, optimizer, engine, noise, gen
         raise TypeError(f"embedding_noise must be 'eager', 'lazy' or a RowNoise; got "
                         f"{type(embedding_noise).__name__}")
     if secure_mode:
-        raise ValueError("embedding_noise='lazy' cannot use secure_mode=True: lazy noise is regenerated "
-                         "from a counter-based key, which secure mode must not keep. Use "
+        raise ValueError("embedding_noise='lazy' cannot use secure_mode=True: pending noise is drawn later "
+                         "from a kept, seeded stream, which secure mode must not keep. Use "
                          "embedding_noise='eager' for secure noise.")
     if distributed:
         raise ValueError("embedding_noise='lazy' does not support distributed=True (the sparse row "
@@ -392,8 +410,8 @@ def build_lazy_embedding_noise(embedding_noise, *, optimizer, engine, noise, gen
                          "use embedding_noise='eager'")
     if row_noise is None:
         # keyed like every dpkit stream: the generator's seed (a stream of its own) or OS entropy
-        row_noise = CounterGaussianRowNoise(fresh_seed() if generator is None
-                                            else mix(seed_from_generator(generator), LAZY_ROWS))
+        row_noise = GaussianRowNoise(fresh_seed() if generator is None
+                                     else mix(seed_from_generator(generator), LAZY_ROWS))
     lazy = LazyEmbeddingNoise(optimizer, engine.model, row_noise=row_noise, noise_std=noise_std,
                               expected_batch_size=expected_batch_size,
                               names={id(p): engine.parameter_name(p) for p in engine.params})

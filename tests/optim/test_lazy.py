@@ -20,6 +20,9 @@ from scipy import stats
 import dpkit
 from dpkit.errors import NoisePendingError
 from dpkit.mechanisms.lazy import (
+    CounterGaussianRowNoise,
+    GaussianRowNoise,
+    MomentumSegment,
     ProbeRowNoise,
     StepHistory,
     philox4x32,
@@ -221,16 +224,17 @@ def test_counter_normals_are_standard_and_independent_across_counters():
 
 
 # ------------------------------------------------------------ real noise: variance
-def _untouched_rows_after(k, lr_fn, wd, mid_read):
+def _untouched_rows_after(k, lr_fn, wd, mid_read, source="lazy", dtype=torch.float64):
     """Train k steps that only ever touch row 0 of a zero-initialised table; return rows 1: after
     flush, and the brute-force variance Σ_u η_u² Π_{v>u}(1 − η_v λ)² times (σC/B̄)²."""
     torch.manual_seed(0)
-    emb = nn.Embedding(3001, 8).double()
+    emb = nn.Embedding(3001, 8).to(dtype)
     nn.init.zeros_(emb.weight)
     base = torch.optim.SGD(emb.parameters(), lr=lr_fn(0), weight_decay=wd)
     sigma, clip, batch = 1.3, 0.5, 4.0
     _, opt, _ = dpkit.make_private(emb, base, None, max_grad_norm=clip, noise_multiplier=sigma,
-                                   sample_rate=0.01, expected_batch_size=batch, embedding_noise="lazy",
+                                   sample_rate=0.01, expected_batch_size=batch,
+                                   embedding_noise=CounterGaussianRowNoise(7) if source == "keyed" else source,
                                    generator=torch.Generator().manual_seed(7))
     ids = torch.zeros(4, 1, dtype=torch.long)
     for t in range(k):
@@ -245,7 +249,7 @@ def _untouched_rows_after(k, lr_fn, wd, mid_read):
     opt.flush()
     lrs = [lr_fn(t) for t in range(k)]
     var = sum(lrs[u] ** 2 * np.prod([(1 - lrs[v] * wd) ** 2 for v in range(u + 1, k)]) for u in range(k))
-    return emb.weight.detach()[1:].numpy().ravel(), var * (sigma * clip / batch) ** 2
+    return emb.weight.detach()[1:].double().numpy().ravel(), var * (sigma * clip / batch) ** 2
 
 
 def _chi2_pvalue(x, var):
@@ -254,11 +258,14 @@ def _chi2_pvalue(x, var):
     return 2 * min(cdf, 1 - cdf)
 
 
+@pytest.mark.parametrize("source, dtype", [("lazy", torch.float64), ("lazy", torch.float32),
+                                           ("keyed", torch.float64)],
+                         ids=["stream", "stream-float32", "philox-keyed"])
 @pytest.mark.parametrize("wd, schedule", [(0.0, False), (0.2, True)], ids=["constant", "decay+schedule"])
-def test_untouched_row_variance_matches_eager_and_test_rejects_wrong_variance(wd, schedule):
+def test_untouched_row_variance_matches_eager_and_test_rejects_wrong_variance(wd, schedule, source, dtype):
     k = 9
     lr_fn = (lambda t: 0.3 * 0.8 ** t) if schedule else (lambda t: 0.3)
-    x, var = _untouched_rows_after(k, lr_fn, wd, mid_read=True)
+    x, var = _untouched_rows_after(k, lr_fn, wd, mid_read=True, source=source, dtype=dtype)
     assert _chi2_pvalue(x, var) > 1e-3
     assert stats.kstest(x / math.sqrt(var), "norm").pvalue > 1e-3
     # the same test rejects a 10% larger variance and the paper's plain k·η² (no decay/schedule)
@@ -303,6 +310,36 @@ def test_momentum_untouched_row_joint_variance_and_rejects_momentum_free_varianc
     # the variance momentum-free SGD would give (η² Σ (1-ηλ)^2j) is rejected
     naive = s2 * lr ** 2 * sum((1 - lr * wd) ** (2 * j) for j in range(k))
     assert _chi2_pvalue(w, naive) < 1e-6
+
+
+def test_stream_source_resumes_without_replaying_and_streams_are_independent():
+    history = StepHistory()
+    for _ in range(3):
+        history.append(0.5, 0.0)
+    rows, starts = torch.arange(2000), torch.zeros(2000, dtype=torch.long)
+    src = GaussianRowNoise(5)
+    first = src.combined("t", rows, starts, 3, history, (2000, 16))
+    state = copy.deepcopy(src.state_dict())
+    second = src.combined("t", rows, starts, 3, history, (2000, 16))
+    resumed = GaussianRowNoise(6)  # another seed: the checkpoint's seed and stream position win
+    resumed.load_state_dict(state)
+    again = resumed.combined("t", rows, starts, 3, history, (2000, 16))
+    assert torch.equal(again, second)  # continues the stream ...
+    r = np.corrcoef(first.ravel().numpy(), again.ravel().numpy())[0, 1]
+    assert abs(r) < 4 / math.sqrt(first.numel())  # ... and never replays the draws before it
+    # one aggregated draw per row: std sqrt(V) = sqrt(3 · 0.5²), standard normal after scaling
+    assert stats.kstest((first / math.sqrt(history.variance(np.array([0]), 3)[0])).ravel(), "norm").pvalue > 1e-3
+    # momentum pairs: joint covariance Q(k) of the segment, per coordinate
+    seg = MomentumSegment(0, 0.2, 0.1, 0.8)
+    for _ in range(4):
+        seg.append()
+    pair = src.combined_pair("t", rows, starts, 4, seg, (2000, 16)).permute(1, 0, 2).reshape(2, -1).numpy()
+    q = seg.covariance(np.array([0]), 4)[0]
+    for i in range(2):
+        assert _chi2_pvalue(pair[i], q[i, i]) > 1e-3
+        assert _chi2_pvalue(pair[i], 1.1 * q[i, i]) < 1e-6
+    corr = q[0, 1] / math.sqrt(q[0, 0] * q[1, 1])
+    assert abs(np.corrcoef(pair)[0, 1] - corr) < 4 * (1 - corr ** 2) / math.sqrt(pair.shape[1])
 
 
 def test_seeded_lazy_runs_reproducible_and_seed_matters():
