@@ -1,0 +1,64 @@
+"""Rule and BK-forward registration by class or qualified name: matched by exact class, bad
+registrations refused with the expected form in the message."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from dpkit.grad_sample import GradientEngine, bk_forward, registry
+from dpkit.grad_sample.layers import LinearRule, rule_for
+from tests.grad_sample.reference import clipped_sum, per_example_grads
+
+
+class Dense(nn.Module):
+    """A Linear under another class name (as libraries define their own layers)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, 4, dtype=torch.float64))
+        self.bias = nn.Parameter(torch.randn(3, dtype=torch.float64))
+
+    def forward(self, x):
+        return x @ self.weight.T + self.bias
+
+
+class SubDense(Dense):
+    pass
+
+
+@pytest.fixture
+def clean_registry():
+    saved = dict(registry._BY_NAME), dict(registry._REGISTERED)
+    yield
+    registry._BY_NAME.clear(), registry._REGISTERED.clear()
+    registry._BY_NAME.update(saved[0]), registry._REGISTERED.update(saved[1])
+
+
+def test_rule_registered_by_qualified_name_matches_exact_class(clean_registry):
+    registry.register_rule(f"{__name__}.Dense", LinearRule())
+    assert isinstance(rule_for(Dense()), LinearRule)
+    assert rule_for(SubDense()) is None  # exact class only: a subclass may compute otherwise
+    torch.manual_seed(0)
+    model = nn.Sequential(Dense(), nn.Tanh())
+    x = torch.randn(5, 4, dtype=torch.float64)
+    loss = lambda m, inp: m(inp[0]).pow(2).sum()  # noqa: E731
+    expected = clipped_sum(per_example_grads(model, (x,), loss), 0.1)
+    engine = GradientEngine(model, max_grad_norm=0.1, loss_reduction="sum")
+    loss(model, (x,)).backward()
+    engine.accumulate()
+    assert engine.paths["0"] in ("ghost", "instantiate")
+    for p in model.parameters():
+        torch.testing.assert_close(engine.clipped_sum(p), expected[id(p)])
+
+
+@pytest.mark.parametrize("bad", ["Dense", 3, nn.Linear(2, 2)])
+def test_register_rule_refuses_bad_classes(bad):
+    with pytest.raises(TypeError, match="module_class must be"):
+        registry.register_rule(bad, LinearRule())
+
+
+def test_register_bk_forward_refuses_bad_arguments():
+    with pytest.raises(TypeError, match="package.module.Class"):
+        bk_forward.register_bk_forward("Dense", lambda m, x, r: x)
+    with pytest.raises(TypeError, match="apply must be callable"):
+        bk_forward.register_bk_forward(f"{__name__}.Dense", None)
