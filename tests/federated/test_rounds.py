@@ -128,7 +128,7 @@ def test_simulation_resume_continues_the_noise_stream():
     def build():
         torch.manual_seed(0)
         return FederatedSimulation(torch.nn.Linear(5, 3), data, client_optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
-                                   sampling_rate=0.5, noise_multiplier=1.0, clip_norm=0.5, seed=7, progress=False,
+                                   sampling_rate=0.5, noise_multiplier=1.0, clip_norm=0.5, seed=7, progress=False, epsilon_every=100,
                                    correlated=CorrelatedRounds(banded(6, 2), participation="cyclic", num_groups=2))
     whole = build()
     whole.run(6)
