@@ -247,7 +247,7 @@ def main(argv=None):
     warnings.filterwarnings("ignore", category=ReferenceCalibrationWarning)
     warnings.filterwarnings("ignore", category=ADMMReferenceCalibrationWarning)
     start = time.perf_counter()
-    dice_runs, admm_runs, admm_rounds = (5000, 500, 100) if args.quick else (50_000, 1000, 300)
+    dice_runs, admm_runs, admm_rounds = (5000, 500, 100) if args.quick else (50_000, 600, 300)
     utility_seeds = range(1 if args.quick else 3)
     print(f"every 'claimed' epsilon of a reference row is {CLAIM_LABEL} (UNVERIFIED); dpkit rows "
           "are dpkit's own accounts")
