@@ -8,6 +8,8 @@
 * :class:`CorrelatedRounds` — DP-FTRL / BandMF across rounds (Kairouz et al., ICML 2021;
   Choquette-Choo et al., NeurIPS 2023 / ICLR 2024): correlated noise over the rounds with the
   cohort sampler and accountant that match it.
+* :class:`ExampleWeighting` — weighted averaging by example count (McMahan et al. 2018, Sec. 2)
+  with a declared public normaliser or a privately estimated, jointly accounted one.
 * :class:`FederatedSimulation` — clients trained in process, progress bar, JSON-lines log, canary
   clients (:class:`Canaries`, Andrew et al., ICLR 2024) for a one-shot ε̂.
 * Data: :func:`dirichlet_partition`, :func:`digits_clients`, :func:`synthetic_clients`.
@@ -20,6 +22,8 @@ _PUBLIC = {
     "DPFedAvg": "dp_fedavg",
     "FederatedSimulation": "simulation",
     "CorrelatedRounds": "rounds",
+    "ExampleWeighting": "weighting",
+    "total_weight": "weighting",
     "LocalTrainer": "client",
     "federated_parameters": "client",
     "AdaptiveClipping": "adaptive",

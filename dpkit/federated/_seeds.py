@@ -26,7 +26,7 @@ from dpkit import _validate
 from dpkit.errors import SeededRandomnessWarning
 
 # purposes (the second key of every derived seed)
-SAMPLING, NOISE, LOCAL, CANARY, COUNT_NOISE, CORRELATED_NOISE, GROUPS, SHARES = range(8)
+SAMPLING, NOISE, LOCAL, CANARY, COUNT_NOISE, CORRELATED_NOISE, GROUPS, WEIGHT_NOISE = range(8)
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 

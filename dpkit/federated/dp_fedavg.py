@@ -33,6 +33,7 @@ from dpkit.accountants.registry import fresh_accountant
 from dpkit.federated import _seeds
 from dpkit.federated.adaptive import AdaptiveClipping, update_noise_multiplier
 from dpkit.federated.rounds import CorrelatedRounds, build_round_mechanism
+from dpkit.federated.weighting import ExampleWeighting
 from dpkit.federated.server_opt import make_server_optimizer
 from dpkit.mechanisms.noise import GaussianNoise
 
@@ -64,6 +65,9 @@ class DPFedAvg:
             rounds): the cohort sampler, the noise ``z·S·sens·(C⁻¹Z)_t`` and the matching
             accountant are built from it (see :mod:`dpkit.federated.rounds`); None: fresh noise
             every round (DP-FedAvg).
+        weighting: an :class:`~dpkit.federated.weighting.ExampleWeighting` (weights
+            min(n_k/cap, 1) by example count, public or privately estimated normaliser; see
+            :mod:`dpkit.federated.weighting`), or None: every user weight 1, normaliser q·M.
 
     Raises:
         ValueError, TypeError: an argument of the wrong kind or out of range.
@@ -71,7 +75,8 @@ class DPFedAvg:
 
     def __init__(self, params: Sequence[torch.Tensor], *, num_clients, sampling_rate, noise_multiplier,
                  clip_norm, server_optimizer="fedavg", adaptive_clipping: AdaptiveClipping | None = None,
-                 accountant="pld", seed=None, secure_mode=False, correlated: CorrelatedRounds | None = None):
+                 accountant="pld", seed=None, secure_mode=False, correlated: CorrelatedRounds | None = None,
+                 weighting: ExampleWeighting | None = None):
         if isinstance(params, torch.Tensor) or not all(isinstance(p, torch.Tensor) for p in params):
             raise TypeError("params must be a sequence of tensors (the global model's parameters)")
         if len(params) == 0:
@@ -95,13 +100,20 @@ class DPFedAvg:
         if correlated is not None and adaptive_clipping is not None:
             raise ValueError("adaptive_clipping must be None with correlated rounds: its count release is "
                              "accounted as independent per-round noise, which correlated rounds do not add")
+        if weighting is not None and not isinstance(weighting, ExampleWeighting):
+            raise TypeError(f"weighting must be an ExampleWeighting or None; got {type(weighting).__name__}")
+        if weighting is not None and weighting.private and (adaptive_clipping is not None or correlated is not None):
+            raise ValueError("weighting with weight_stddev (a privately estimated normaliser) cannot be combined "
+                             "with adaptive_clipping or correlated rounds; declare total_weight (public) instead")
+        self.weighting = weighting
         self.expected_cohort = self.sampling_rate * self.num_clients  # public normaliser q·M
         if adaptive_clipping is not None:
             self.count_stddev = adaptive_clipping.resolve_count_stddev(self.expected_cohort)
             self.update_noise_multiplier = update_noise_multiplier(self.noise_multiplier, self.count_stddev)
         else:
             self.count_stddev = None
-            self.update_noise_multiplier = self.noise_multiplier
+            self.update_noise_multiplier = (self.noise_multiplier if weighting is None
+                                            else weighting.update_noise_multiplier(self.noise_multiplier))
         self.correlated = correlated
         self._correlated_noise = self._cohort_sampler = None
         if correlated is not None:
@@ -111,6 +123,9 @@ class DPFedAvg:
             self.expected_cohort = self.sampling_rate * self.num_clients / correlated.num_groups
         else:
             self.accountant = fresh_accountant(accountant)
+        # the public normaliser: expected cohort size, or expected cohort WEIGHT q·W (/b if cyclic)
+        self.public_normaliser = (self.expected_cohort if weighting is None or weighting.private
+                                  else self.expected_cohort * weighting.total_weight / self.num_clients)
         self.step_event = dpsgd_event(self.noise_multiplier, self.sampling_rate, 1)
         if not self.accountant.supports(self.step_event):
             raise ValueError(f"accountant {self.accountant.name!r} cannot account Poisson-sampled rounds")
@@ -138,12 +153,14 @@ class DPFedAvg:
 
     # ------------------------------------------------------------------ aggregation
     @torch.no_grad()
-    def aggregate(self, updates: Mapping[int, Sequence[torch.Tensor]]) -> dict:
+    def aggregate(self, updates: Mapping[int, Sequence[torch.Tensor]], num_examples: Mapping[int, int] | None = None) -> dict:
         """Clip, sum, noise, normalise by q·M, step the server optimizer, account; ends the round.
 
         Args:
             updates: client index → Δ_k (tensors shaped like ``params``) for clients of THIS
                 round's cohort; missing sampled clients (drop-outs) contribute nothing.
+            num_examples: client index → example count n_k, for every client in ``updates``;
+                required with ``weighting``, refused without it.
 
         Returns:
             A dict of the round's public outputs: ``round`` (1-based), ``clip_norm`` (S_t used),
@@ -168,6 +185,7 @@ class DPFedAvg:
             if k not in cohort:
                 raise ValueError(f"updates must come from this round's sampled clients; client {k!r} "
                                  f"was not sampled in round {self.round}")
+        weights = self._weights(updates, num_examples)
         clip = self.clip_norm
         sums = [torch.zeros_like(p) for p in self.params]
         centred_count = 0.0
@@ -179,7 +197,7 @@ class DPFedAvg:
                 raise ValueError(f"updates[{k}] must be finite; got norm {norm}")
             factor = min(1.0, clip / norm) if norm > 0 else 1.0
             for s, d in zip(sums, delta):
-                s.add_(d, alpha=factor)
+                s.add_(d, alpha=factor * weights[k])
             unclipped += norm <= clip
             centred_count += (1.0 if norm <= clip else 0.0) - 0.5
         if self.update_noise_multiplier > 0:
@@ -190,7 +208,12 @@ class DPFedAvg:
                 noise = self._noise(_seeds.NOISE).sample(self.round, self.params)
             for s, z in zip(sums, noise):
                 s.add_(z, alpha=std)
-        mean = [s / self.expected_cohort for s in sums]
+        normaliser = self.public_normaliser
+        if self.weighting is not None and self.weighting.private:   # released jointly with the sum
+            noisy_weight = math.fsum(weights.values()) + self.weighting.weight_stddev * float(
+                self._noise(_seeds.WEIGHT_NOISE).sample(self.round, [torch.zeros((), dtype=torch.float64)])[0])
+            normaliser = max(noisy_weight, self.weighting.min_denominator)
+        mean = [s / normaliser for s in sums]
         for p, m in zip(self.params, mean):
             p.grad = -m
         self.server_optimizer.step()
@@ -205,6 +228,7 @@ class DPFedAvg:
         info = {
             "round": self.round + 1,  # 1-based: rounds completed, as Flower's server_round
             "clip_norm": clip,
+            "normaliser": normaliser,
             "noisy_unclipped_fraction": fraction,
             "update_norm": math.sqrt(sum(float(m.double().square().sum()) for m in mean)),
             "nonprivate": {"cohort_size": len(cohort), "reporting_clients": len(updates),
@@ -217,6 +241,19 @@ class DPFedAvg:
         if self.secure_mode:
             return GaussianNoise(secure_mode=True)
         return GaussianNoise(_seeds.generator(self.seed, purpose, self.round))
+
+    def _weights(self, updates, num_examples) -> dict:
+        if self.weighting is None:
+            if num_examples is not None:
+                raise ValueError("num_examples is only used with weighting=ExampleWeighting(...); got it without")
+            return {k: 1.0 for k in updates}
+        if not isinstance(num_examples, Mapping):
+            raise TypeError("num_examples must be a mapping client index -> example count with weighting; "
+                            f"got {type(num_examples).__name__}")
+        missing = [k for k in updates if k not in num_examples]
+        if missing:
+            raise ValueError(f"num_examples must give the example count of every reporting client; missing {missing[:5]}")
+        return {k: self.weighting.weight(f"num_examples[{k}]", num_examples[k]) for k in updates}
 
     def _check_round_available(self) -> None:
         if self.correlated is not None and self.round >= self.correlated.rounds:
@@ -263,7 +300,7 @@ class DPFedAvg:
         return {"num_clients": self.num_clients, "sampling_rate": self.sampling_rate,
                 "noise_multiplier": self.noise_multiplier,
                 "update_noise_multiplier": self.update_noise_multiplier,
-                "correlated": repr(self.correlated),
+                "correlated": repr(self.correlated), "weighting": repr(self.weighting),
                 "shapes": [tuple(p.shape) for p in self.params]}
 
     def load_state_dict(self, state: dict) -> None:

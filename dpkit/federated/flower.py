@@ -52,7 +52,7 @@ class DPFedAvgStrategy(Strategy):
         initial_parameters: the initial global model as a list of numpy arrays.
         num_clients: population size M (clients are indexed 0..M−1 through ``client_index``).
         sampling_rate, noise_multiplier, clip_norm, server_optimizer, adaptive_clipping,
-        accountant, seed, secure_mode, correlated: as in :class:`~dpkit.federated.dp_fedavg.DPFedAvg` (seed
+        accountant, seed, secure_mode, correlated, weighting: as in :class:`~dpkit.federated.dp_fedavg.DPFedAvg` (seed
             None, the default: OS entropy, kept in :meth:`state_dict`; an explicit seed warns).
         delta: δ of the ε reported in the fit metrics.
         client_index: ``proxy -> int | None`` mapping a Flower client to its population index
@@ -69,13 +69,13 @@ class DPFedAvgStrategy(Strategy):
     def __init__(self, initial_parameters, *, num_clients, sampling_rate, noise_multiplier, clip_norm,
                  server_optimizer="fedavg", adaptive_clipping=None, accountant="pld", seed=None,
                  secure_mode=False, delta=1e-5, client_index: Callable | None = None,
-                 evaluate_fn: Callable | None = None, epsilon_every=1, correlated=None):
+                 evaluate_fn: Callable | None = None, epsilon_every=1, correlated=None, weighting=None):
         arrays = [np.asarray(a) for a in initial_parameters]
         self.dpfedavg = DPFedAvg([torch.from_numpy(a.copy()) for a in arrays], num_clients=num_clients,
                                  sampling_rate=sampling_rate, noise_multiplier=noise_multiplier,
                                  clip_norm=clip_norm, server_optimizer=server_optimizer,
                                  adaptive_clipping=adaptive_clipping, accountant=accountant, seed=seed,
-                                 secure_mode=secure_mode, correlated=correlated)
+                                 secure_mode=secure_mode, correlated=correlated, weighting=weighting)
         self.delta = _validate.delta("delta", delta)
         self.epsilon_every = _validate.positive_int("epsilon_every", epsilon_every)
         for name, fn in (("client_index", client_index), ("evaluate_fn", evaluate_fn)):
@@ -148,7 +148,7 @@ class DPFedAvgStrategy(Strategy):
         """Δ_k = returned − sent weights; clip, noise once, divide by q·M, step, account (DPFedAvg)."""
         if self._sent is None:
             raise RuntimeError("aggregate_fit called without a configured round")
-        updates = {}
+        updates, counts = {}, {}
         for proxy, res in results:
             k = self.client_index(proxy)
             if k in updates:
@@ -158,8 +158,10 @@ class DPFedAvgStrategy(Strategy):
                 raise ValueError(f"client {k} returned {len(weights)} arrays; expected {len(self._sent)}")
             updates[k] = [_minus(w, s)
                           for w, s in zip(weights, self._sent)]
+            counts[k] = res.num_examples   # the client's example count (used with weighting)
         self._sent = None
-        info = self._record(self.dpfedavg.aggregate(updates))   # failures: drop-outs, nothing to add
+        weighted = self.dpfedavg.weighting is not None
+        info = self._record(self.dpfedavg.aggregate(updates, counts if weighted else None))   # failures: drop-outs, nothing to add
         metrics = {"epsilon": info["epsilon"], "clip_norm": info["clip_norm"]}
         return ndarrays_to_parameters(self.current_parameters), metrics
 

@@ -58,6 +58,8 @@ class FederatedSimulation:
         eval_every: evaluate on the test set every this many rounds (and at the last one).
         correlated: a :class:`~dpkit.federated.rounds.CorrelatedRounds` for DP-FTRL / BandMF
             across rounds (see :class:`~dpkit.federated.dp_fedavg.DPFedAvg`); None: DP-FedAvg.
+        weighting: an :class:`~dpkit.federated.weighting.ExampleWeighting` (weights by each
+            client's example count; canaries get weight 1), or None (uniform).
 
     Raises:
         ValueError, TypeError: an argument of the wrong kind or out of range.
@@ -68,7 +70,7 @@ class FederatedSimulation:
                  loss_fn=None, server_optimizer="fedavg", adaptive_clipping: AdaptiveClipping | None = None,
                  accountant="pld", delta=1e-5, seed=None, secure_mode=False, num_canaries=0,
                  canary_seed=None, log_path=None, progress=True, epsilon_every=1, eval_every=1,
-                 correlated=None):
+                 correlated=None, weighting=None):
         if not isinstance(data, FederatedData):
             raise TypeError(f"data must be a dpkit.federated.FederatedData; got {type(data).__name__}")
         self.trainer = LocalTrainer(model, client_optimizer, epochs=local_epochs,
@@ -85,7 +87,7 @@ class FederatedSimulation:
                                sampling_rate=sampling_rate, noise_multiplier=noise_multiplier,
                                clip_norm=clip_norm, server_optimizer=server_optimizer,
                                adaptive_clipping=adaptive_clipping, accountant=accountant, seed=seed,
-                               secure_mode=secure_mode, correlated=correlated)
+                               secure_mode=secure_mode, correlated=correlated, weighting=weighting)
         self.dim = sum(p.numel() for p in self.server.params)
         self.canaries = None
         self._initial = self._flat(self.server.params)
@@ -107,15 +109,17 @@ class FederatedSimulation:
         start = time.perf_counter()
         server = self.server
         before = self._flat(server.params) if self.canaries is not None else None
-        updates = {}
+        updates, counts = {}, {}
         m = self.data.num_clients
         for k in server.sample_cohort():
             if k >= m:
                 updates[k] = self.canaries.update(k - m, server.clip_norm, server.params)
+                counts[k] = math.ceil(server.weighting.cap) if server.weighting is not None else 0
             else:
+                counts[k] = int(self.data.clients[k][1].shape[0])
                 g = _seeds.generator(server.seed, _seeds.LOCAL, server.round, k)
                 updates[k] = self.trainer.update(server.params, self.data.clients[k], g)
-        record = server.aggregate(updates)
+        record = server.aggregate(updates, counts if server.weighting is not None else None)
         if self.canaries is not None:
             self._round_updates.append(self._flat(server.params) - before)
         last = record["round"] == self._planned
