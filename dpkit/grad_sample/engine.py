@@ -270,7 +270,8 @@ class GradientEngine:
         self._region: str | None = None  # "same" / "different" inside the declaring blocks
         self._expected: int | None = None
         self._bound: list[tuple[int, list]] = []  # (n, weakrefs to the declared batch's tensors)
-        self._accumulators: list = []
+        self._accumulators: list = []  # AccumulateGrad nodes of the trainable parameters
+        self._accumulated: tuple = ()  # ids of those parameters
         self._trains_cache: tuple[int | None, bool] = (None, True)
         self._handles = []
         self._patched: list[nn.Module] = []
@@ -407,7 +408,8 @@ class GradientEngine:
         for p in self.params:
             self._handles.append(p.register_hook(self._param_hook(id(p))))
         # gradient accumulators of the parameters: a backward that runs none of them trains nothing
-        self._accumulators = [p.view_as(p).grad_fn.next_functions[0][0] for p in self.params]
+        self._accumulated = tuple(map(id, self.params))
+        self._accumulators = [torch.autograd.graph.get_gradient_edge(p).node for p in self.params]
         # a plain function, not a bound method: copy.deepcopy(model) would deep-copy the engine
         def before_forward(module, args, kwargs):
             return self._before_model_forward(module, args, kwargs)
@@ -483,6 +485,10 @@ class GradientEngine:
         does; ``torch.autograd.grad(loss, x)`` for input gradients does not). Cached per pass."""
         task = torch._C._current_graph_task_id()
         if self._trains_cache[0] != task:
+            params = self.params
+            if tuple(map(id, params)) != self._accumulated:  # (un)frozen since the last pass
+                self._accumulated = tuple(map(id, params))
+                self._accumulators = [torch.autograd.graph.get_gradient_edge(p).node for p in params]
             self._trains_cache = (task, any(_will_execute(node) for node in self._accumulators))
         return self._trains_cache[1]
 
