@@ -52,7 +52,8 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
                  max_physical_batch_size: int | None = None, sample_rate: float | None = None,
                  expected_batch_size: float | None = None, noise: NoiseMechanism | None = None,
                  secure_mode: bool = False, generator: torch.Generator | None = None,
-                 distributed: bool = False, embedding_noise="eager", error_feedback: dict | None = None):
+                 distributed: bool = False, embedding_noise="eager", error_feedback: dict | None = None,
+                 batch_first: bool | None = None):
     """Make ``model``/``optimizer``/``data_loader`` train with DP-SGD and track ε.
 
     Args:
@@ -95,6 +96,13 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
             accounted by :func:`dpkit.optim.error_feedback.dicesgd_event`; with a target ε, σ is
             re-calibrated for it. Poisson sampling, i.i.d. Gaussian noise, not distributed. See
             :mod:`dpkit.optim.error_feedback`.
+
+        batch_first: ``None`` (default): dpkit proves each layer's batch axis from the batch it
+            yielded and refuses a step where it cannot (e.g. a (B, T, d) tensor with B == T before
+            any batch proved the layout). ``True``/``False``: declare that position-wise layers
+            (Linear, norms, embeddings) see the batch on axis 0 / axis 1 (time-major); a tensor
+            that contradicts the declaration is still refused. RNNs and attention follow their own
+            ``batch_first`` flags.
 
     Returns:
         ``(model, dp_optimizer, dp_data_loader)`` (``dp_data_loader`` is None if none was given).
@@ -170,9 +178,13 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
         raise ValueError(f"accountant {accountant.name!r} cannot account this run's steps "
                          f"({type(step_event).__name__}); choose another accountant")
 
+    if batch_first is not None and not isinstance(batch_first, bool):
+        raise TypeError(f"batch_first must be True, False or None; got {batch_first!r}")
     engine = GradientEngine(model, max_grad_norm=max_grad_norm, mode=clipping, clip_scope=clip_scope,
                             clip_function=clip_function, loss_reduction=loss_reduction,
                             track_unclipped=error_feedback is not None)
+    if batch_first is not None:
+        engine.set_batch_axis(0 if batch_first else 1)
     dp_optimizer = DPOptimizer(optimizer, engine=engine, noise_multiplier=noise_multiplier,
                                expected_batch_size=batch_size, step_event=step_event,
                                accountant=accountant, noise=noise, generator=generator,

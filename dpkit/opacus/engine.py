@@ -287,7 +287,7 @@ class PrivacyEngine:
             module, optimizer, data_loader, max_grad_norm=clip_norm,
             accountant=_ACCOUNTANTS[self.accountant.mechanism()], poisson_sampling=poisson_sampling,
             clip_scope=clip_scope, loss_reduction=loss_reduction, secure_mode=self.secure_mode,
-            generator=noise_generator, **noise)
+            generator=noise_generator, batch_first=True, **noise)  # Opacus' batch_first=True, declared
         self._optimizer = dp_optimizer
         self.accountant._bind(dp_optimizer, dp_loader.sample_rate)
         if wrap_model:

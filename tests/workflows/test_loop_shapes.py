@@ -135,3 +135,45 @@ def test_gradient_the_engine_did_not_see_is_refused_without_spending():
     with pytest.raises(RuntimeError, match="did not see"):
         opt.step()
     assert opt.steps == 0 and opt.accountant.epsilon(1e-5) == 0.0
+
+
+def test_batch_first_declaration_settles_a_batch_as_long_as_the_sequence():
+    """A (B, T, d) tensor with B == T before any batch proved the layout is ambiguous: refused by
+    default, trained exactly with make_private(batch_first=True) (the batch of 1 reference)."""
+    from tests.grad_sample.reference import clipped_sum, per_example_grads
+
+    T, CLIP = 4, 0.1
+
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 1))
+
+    def build(**kw):
+        model = net()
+        data = TensorDataset(torch.randn(40, T, 3, generator=torch.Generator().manual_seed(1)))
+        return dpkit.make_private(model, torch.optim.SGD(model.parameters(), lr=1.0),
+                                  DataLoader(data, batch_size=T), noise_multiplier=0.0, max_grad_norm=CLIP,
+                                  loss_reduction="sum", generator=torch.Generator().manual_seed(0), **kw)
+
+    def first_batch_of_size_t(loader):
+        for _ in range(10):
+            for (x,) in loader:
+                if len(x) == T:
+                    return x
+        raise AssertionError("no batch of size T")
+
+    model, opt, loader = build()
+    x = first_batch_of_size_t(loader)
+    model(x).sum().backward()
+    with pytest.raises(dpkit.AmbiguousStepError):
+        opt.step()
+    model, opt, loader = build(batch_first=True)
+    x = first_batch_of_size_t(loader)
+    twin = net()  # the reference runs outside dpkit's hooks
+    expected = clipped_sum(per_example_grads(twin, (x,), lambda m, xi: m(xi[0]).sum()), CLIP)
+    model(x).sum().backward()
+    opt.step()
+    for p, q in zip(twin.parameters(), model.parameters()):
+        torch.testing.assert_close(p.detach() - q.detach(), expected[id(p)] / T, rtol=1e-5, atol=1e-6)
+    with pytest.raises(TypeError, match="batch_first"):
+        build(batch_first="yes")
