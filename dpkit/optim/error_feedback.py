@@ -62,7 +62,7 @@ from dpkit.optim.dp_optimizer import DPOptimizer
 __all__ = ["ErrorFeedback", "attach_error_feedback", "dicesgd_event", "default_noise_split",
            "calibrate_dicesgd_noise"]
 
-_CONFIG_KEYS = ("clip2", "noise_split")
+_CONFIG_KEYS = ("clip2", "noise_split", "calibration")
 
 
 def default_noise_split(sampling_prob, *, clip1, clip2, expected_batch_size) -> float:
@@ -236,6 +236,8 @@ class ErrorFeedback:
         self.optimizer = optimizer
         self.clip2 = V.non_negative("clip2", clip2)
         self.error: list[torch.Tensor] | None = None
+        # set by attach_error_feedback(calibration="reference"): the reference code's UNVERIFIED claim
+        self.reference = None
 
     def __call__(self, step: int, params: list[torch.Tensor]) -> list[torch.Tensor]:
         """Contribution hook: return B̄·clip(e_t, C2) and advance e to e_{t+1} (paper's update)."""
@@ -270,7 +272,8 @@ class ErrorFeedback:
         self.error = None if state["error"] is None else [e.clone() for e in state["error"]]
 
 
-def attach_error_feedback(optimizer, *, clip2, sampling_prob, noise_split=None) -> ErrorFeedback:
+def attach_error_feedback(optimizer, *, clip2, sampling_prob, noise_split=None,
+                          calibration="dpkit") -> ErrorFeedback:
     """Turn a fresh Poisson-sampled :class:`DPOptimizer` into DiceSGD and fix its privacy account.
 
     Registers the feedback as a contribution hook (added to the clipped sum before noise and
@@ -285,6 +288,10 @@ def attach_error_feedback(optimizer, *, clip2, sampling_prob, noise_split=None) 
         clip2: C2 ≥ 0 (mean units); 0 reproduces DP-SGD exactly.
         sampling_prob: the Poisson rate q the data loader uses (the one of the optimizer's event).
         noise_split: see :func:`dicesgd_event`.
+        calibration: ``"dpkit"`` (default: σ calibrated to dpkit's account) or ``"reference"``:
+            σ from the authors' code, :func:`dpkit.optim.dicesgd_reference.reference_dicesgd_calibration`
+            (needs a target ε and planned steps; warns; its ε is only CLAIMED by the reference code,
+            kept in ``feedback.reference``; ``optimizer.epsilon()`` stays dpkit's account).
 
     Returns:
         The attached :class:`ErrorFeedback`.
@@ -315,13 +322,24 @@ def attach_error_feedback(optimizer, *, clip2, sampling_prob, noise_split=None) 
         raise ValueError("optimizer already has error feedback attached")
     kwargs = dict(clip1=optimizer.max_grad_norm, clip2=clip2,
                   expected_batch_size=optimizer.expected_batch_size, noise_split=noise_split)
-    if optimizer.target is not None and optimizer.max_steps is not None:
+    reference = None
+    if V.one_of("calibration", calibration, ("dpkit", "reference")) == "reference":
+        if optimizer.target is None or optimizer.max_steps is None:
+            raise ValueError("calibration='reference' needs target_epsilon, target_delta and planned "
+                             "steps/epochs (it calibrates sigma for that target)")
+        from dpkit.optim.dicesgd_reference import reference_dicesgd_calibration
+
+        reference = reference_dicesgd_calibration(*optimizer.target, q, optimizer.max_steps, clip1=kwargs["clip1"],
+                                                  clip2=clip2, expected_batch_size=kwargs["expected_batch_size"])
+        sigma = reference.noise_multiplier
+    elif optimizer.target is not None and optimizer.max_steps is not None:
         eps, delta = optimizer.target
         accountant = optimizer.accountant if optimizer.accountant is not None else "pld"
         sigma = calibrate_dicesgd_noise(eps, delta, q, optimizer.max_steps, accountant=accountant, **kwargs)
     else:
         sigma = optimizer.noise_multiplier
     feedback = ErrorFeedback(optimizer, clip2=clip2)
+    feedback.reference = reference
     optimizer._recalibrate(sigma, dicesgd_event(sigma, q, 1, **kwargs))
     if optimizer.accountant is not None and not optimizer.accountant.supports(optimizer.step_event):
         raise ValueError(f"accountant {optimizer.accountant.name!r} cannot account DiceSGD steps; "
@@ -335,7 +353,8 @@ def configure_error_feedback(optimizer, config, *, sampling_prob, poisson_sampli
 
     Args:
         optimizer: the DPOptimizer built by ``make_private``.
-        config: ``{"clip2": C2, "noise_split": f (optional)}``.
+        config: ``{"clip2": C2, "noise_split": f (optional), "calibration": "dpkit" | "reference"
+            (optional)}``.
         sampling_prob: the Poisson rate. poisson_sampling: must be True.
 
     Returns:
@@ -356,4 +375,5 @@ def configure_error_feedback(optimizer, config, *, sampling_prob, poisson_sampli
         raise ValueError("error_feedback is accounted for Poisson sampling only; "
                          "use poisson_sampling=True")
     return attach_error_feedback(optimizer, clip2=config["clip2"], sampling_prob=sampling_prob,
-                                 noise_split=config.get("noise_split"))
+                                 noise_split=config.get("noise_split"),
+                                 calibration=config.get("calibration", "dpkit"))

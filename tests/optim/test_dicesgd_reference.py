@@ -125,3 +125,46 @@ def test_simulation_always_sampled_and_noise_variance():
         simulate_canary_sums(2, noise_multiplier=0.0, include=True, update="other", **common)
     with pytest.raises(TypeError, match="rng"):
         simulate_canary_sums(2, noise_multiplier=0.0, include=True, **dict(common, rng=3))
+
+
+def test_make_private_reference_calibration_warns_and_keeps_dpkits_ledger():
+    import dpkit
+    from dpkit.accountants import make_accountant
+    from dpkit.optim.error_feedback import ErrorFeedback, dicesgd_event
+
+    q, steps, batch, clip2 = 0.02, 150, 1000.0, 0.5 / 1000
+
+    def build(**ef):
+        model = nn.Linear(3, 1)
+        return dpkit.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), None,
+                                  max_grad_norm=0.5, target_epsilon=2.0, target_delta=1e-5, steps=steps,
+                                  sample_rate=q, expected_batch_size=batch, accountant="rdp",
+                                  error_feedback={"clip2": clip2, **ef})[1]
+
+    with pytest.warns(ReferenceCalibrationWarning, match=CLAIM_LABEL):
+        opt = build(calibration="reference")
+    feedback = next(h for h in opt._contribution_hooks if isinstance(h, ErrorFeedback))
+    ref = feedback.reference
+    assert ref.claimed_epsilon == 2.0
+    assert opt.noise_multiplier == pytest.approx(ref.dpsgd_noise_multiplier * math.sqrt(3.0), rel=1e-12)
+    # the ledger is dpkit's account of that noise, which is far above the claim
+    expected = dicesgd_event(opt.noise_multiplier, q, 1, clip1=0.5, clip2=clip2, expected_batch_size=batch)
+    assert opt.step_event == expected
+    dpkit_eps = make_accountant("rdp").compose(
+        dicesgd_event(opt.noise_multiplier, q, steps, clip1=0.5, clip2=clip2,
+                      expected_batch_size=batch)).epsilon(1e-5)
+    assert dpkit_eps > 2.0
+
+
+def test_attach_reference_calibration_refuses_bad_input():
+    def fresh():
+        model = nn.Linear(2, 1)
+        engine = GradientEngine(model, max_grad_norm=1.0, mode="per_sample", loss_reduction="sum",
+                                track_unclipped=True)
+        return DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), engine=engine, noise_multiplier=1.0,
+                           expected_batch_size=4.0, step_event=dpsgd_event(1.0, 0.1), accountant=None)
+
+    with pytest.raises(ValueError, match="calibration"):
+        attach_error_feedback(fresh(), clip2=0.1, sampling_prob=0.1, calibration="paper")
+    with pytest.raises(ValueError, match="target_epsilon"):  # nothing to calibrate for
+        attach_error_feedback(fresh(), clip2=0.1, sampling_prob=0.1, calibration="reference")
