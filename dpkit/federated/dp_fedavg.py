@@ -237,6 +237,47 @@ class DPFedAvg:
         self.round += 1
         return info
 
+    @torch.no_grad()
+    def release_noised_sum(self, noised_sum: Sequence[torch.Tensor], *, reporting_clients: int) -> dict:
+        """End a round whose clipped, noised SUM the clients formed themselves (distributed noise).
+
+        For secure aggregation (:mod:`dpkit.federated.secure`): every reporting client clipped its
+        update to S and added its noise share; the server saw only the sum. Here: divide by the
+        public normaliser, step the server optimizer, account ``dpsgd_event(z, q)``. The caller
+        is responsible for the sum carrying at least the accounted noise (z·S)².
+
+        Args:
+            noised_sum: tensors shaped like ``params``.
+            reporting_clients: how many clients the sum aggregates (a diagnostic, not released).
+
+        Raises:
+            ValueError: adaptive clipping, correlated rounds or a private normaliser are set (their
+                releases need server-side noise), or a malformed / non-finite sum.
+        """
+        if self.adaptive_clipping is not None or self.correlated is not None or (
+                self.weighting is not None and self.weighting.private):
+            raise ValueError("release_noised_sum needs a server without adaptive_clipping, correlated rounds "
+                             "or a private normaliser (each adds server-side noise the clients cannot supply)")
+        total = self._check_update("noised_sum", noised_sum)
+        if not all(bool(torch.isfinite(t).all()) for t in total):
+            raise ValueError("noised_sum must be finite")
+        reporting = _validate.positive_int("reporting_clients", reporting_clients, allow_zero=True)
+        cohort = self.sample_cohort()
+        mean = [t / self.public_normaliser for t in total]
+        for p, m in zip(self.params, mean):
+            p.grad = -m
+        self.server_optimizer.step()
+        for p in self.params:
+            p.grad = None
+        self.accountant.compose(self.step_event)
+        info = {"round": self.round + 1, "clip_norm": self.clip_norm, "normaliser": self.public_normaliser,
+                "noisy_unclipped_fraction": None,
+                "update_norm": math.sqrt(sum(float(m.double().square().sum()) for m in mean)),
+                "nonprivate": {"cohort_size": len(cohort), "reporting_clients": reporting,
+                               "unclipped_fraction": None}}
+        self.round += 1
+        return info
+
     def _noise(self, purpose: int) -> GaussianNoise:
         if self.secure_mode:
             return GaussianNoise(secure_mode=True)

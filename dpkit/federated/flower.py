@@ -165,6 +165,13 @@ class DPFedAvgStrategy(Strategy):
         metrics = {"epsilon": info["epsilon"], "clip_norm": info["clip_norm"]}
         return ndarrays_to_parameters(self.current_parameters), metrics
 
+    def settle(self) -> None:
+        """Account a configured round whose ``aggregate_fit`` never came (the workflow failed) as a
+        noise-only round: nothing it did is left out of the ledger."""
+        if self._sent is not None:
+            self._sent = None
+            self._record(self.dpfedavg.aggregate({}))
+
     def configure_evaluate(self, server_round, parameters, client_manager):
         return []  # federated evaluation would be another (unaccounted) release: not offered
 
@@ -179,7 +186,7 @@ class DPFedAvgStrategy(Strategy):
 
     def _record(self, info: dict) -> dict:
         due = info["round"] % self.epsilon_every == 0
-        info["epsilon"] = self.dpfedavg.epsilon(self.delta) if due else None
+        info["epsilon"] = self.epsilon() if due else None
         info["delta"] = self.delta
         self.history.append(info)
         return info

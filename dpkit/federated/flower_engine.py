@@ -188,6 +188,7 @@ def run_ray_simulation(strategy: DPFedAvgStrategy, client_app: ClientApp, num_ro
     run_simulation(server_app=app, client_app=client_app, num_supernodes=num_nodes,
                    backend_config={"client_resources": resources, "init_args": dict(ray_init_args or {})},
                    verbose_logging=verbose)
+    strategy.settle()   # a round whose workflow failed after configure_fit is still accounted
     if errors:
         raise errors[0]
     if strategy.dpfedavg.round != start_round + num_rounds:
