@@ -24,14 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data._utils.collate import default_collate
 
 from dpkit import _validate
-from dpkit.mechanisms.randomness import (
-    SAMPLER,
-    check_seed,
-    fresh_seed,
-    keyed_generator,
-    secure_generator,
-    seed_from_generator,
-)
+from dpkit.mechanisms.randomness import SAMPLER, check_seed, keyed_generator, resolve_seed, secure_generator
 
 
 class KeyedBatchSampler(Sampler):
@@ -53,25 +46,12 @@ class KeyedBatchSampler(Sampler):
     kind = ""
 
     def __init__(self, steps, generator, seed, secure_mode, stream):
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None; got {type(generator).__name__}")
-        if generator is not None and seed is not None:
-            raise ValueError("give at most one of generator and seed")
-        if not isinstance(secure_mode, bool):
-            raise TypeError(f"secure_mode must be a bool; got {secure_mode!r}")
+        self.seed = resolve_seed(generator, seed, secure_mode)
         self.steps = steps
         self.secure_mode = secure_mode
         self.stream = _validate.positive_int("stream", stream, allow_zero=True)
         # a fixed seed would replay its batches in a new process unless the position is restored
         self.seed_is_fixed = not secure_mode and (generator is not None or seed is not None)
-        if secure_mode:
-            self.seed = None
-        elif seed is not None:
-            self.seed = check_seed("seed", seed)
-        elif generator is not None:
-            self.seed = seed_from_generator(generator)
-        else:
-            self.seed = fresh_seed()
         self.position = 0
 
     def _generator(self, t: int) -> torch.Generator:

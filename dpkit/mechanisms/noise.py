@@ -13,14 +13,7 @@ from typing import Sequence
 
 import torch
 
-from dpkit.mechanisms.randomness import (
-    NOISE,
-    check_seed,
-    fresh_seed,
-    keyed_generator,
-    secure_generator,
-    seed_from_generator,
-)
+from dpkit.mechanisms.randomness import NOISE, check_seed, keyed_generator, resolve_seed, secure_generator
 
 
 class NoiseMechanism(abc.ABC):
@@ -68,21 +61,8 @@ class GaussianNoise(NoiseMechanism):
 
     def __init__(self, generator: torch.Generator | None = None, *, seed: int | None = None,
                  secure_mode: bool = False):
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None; got {type(generator).__name__}")
-        if not isinstance(secure_mode, bool):
-            raise TypeError(f"secure_mode must be a bool; got {secure_mode!r}")
-        if generator is not None and seed is not None:
-            raise ValueError("give at most one of generator and seed")
+        self.seed = resolve_seed(generator, seed, secure_mode)
         self.secure_mode = secure_mode
-        if secure_mode:
-            self.seed = None
-        elif seed is not None:
-            self.seed = check_seed("seed", seed)
-        elif generator is not None:
-            self.seed = seed_from_generator(generator)
-        else:
-            self.seed = fresh_seed()
 
     def sample(self, step, like):
         out = []

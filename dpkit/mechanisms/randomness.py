@@ -71,6 +71,29 @@ def check_seed(name: str, seed) -> int:
     return seed
 
 
+def resolve_seed(generator, seed, secure_mode) -> int | None:
+    """The seed of a keyed stream from the user's ``generator=`` / ``seed=`` / ``secure_mode=``.
+
+    Returns None in secure mode (every draw from fresh OS entropy), the given seed, the
+    generator's ``initial_seed()``, or else 63 bits of OS entropy.
+
+    Raises:
+        TypeError: a generator that is not a ``torch.Generator``, a non-bool ``secure_mode``.
+        ValueError: both ``generator`` and ``seed``, or a seed out of range.
+    """
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None; got {type(generator).__name__}")
+    if not isinstance(secure_mode, bool):
+        raise TypeError(f"secure_mode must be a bool; got {secure_mode!r}")
+    if generator is not None and seed is not None:
+        raise ValueError("give at most one of generator and seed")
+    if secure_mode:
+        return None
+    if seed is not None:
+        return check_seed("seed", seed)
+    return seed_from_generator(generator) if generator is not None else fresh_seed()
+
+
 def seed_from_generator(generator: torch.Generator) -> int:
     """The seed a user-supplied ``torch.Generator`` stands for: its ``initial_seed()``.
 
