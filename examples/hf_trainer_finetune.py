@@ -74,19 +74,22 @@ def main():
     train, test = Sentiment(2000, seed=0), Sentiment(500, seed=1)
 
     with tempfile.TemporaryDirectory() as out:
-        common = dict(per_device_train_batch_size=32, num_train_epochs=opts.epochs, learning_rate=5e-3,
+        common = dict(per_device_train_batch_size=32, num_train_epochs=opts.epochs,
                       lr_scheduler_type="constant", report_to="none", use_cpu=True, disable_tqdm=True,
                       save_strategy="no", logging_steps=20, seed=0)
-        # logical batch B = 32 × 2 = 64 examples in expectation, read in chunks of at most 32
-        args = TrainingArguments(output_dir=os.path.join(out, "dp"), gradient_accumulation_steps=2,
-                                 max_grad_norm=0.0, **common)
+        # logical batch B = 32 × 4 = 128 examples in expectation, read in chunks of at most 32. Noisy
+        # gradients want a larger step and a larger Adam epsilon (coordinates that carry only noise
+        # then move by less than lr per step).
+        args = TrainingArguments(output_dir=os.path.join(out, "dp"), gradient_accumulation_steps=4,
+                                 max_grad_norm=0.0, learning_rate=5e-2, adam_epsilon=1e-3, **common)
         trainer = DPTrainer(tiny_bert(0), args, train_dataset=train, max_grad_norm=opts.clip,
                             target_epsilon=opts.target_epsilon, target_delta=opts.delta)
         trainer.train()
         private_acc = accuracy(trainer, test)
 
         baseline = Trainer(model=tiny_bert(0), train_dataset=train,
-                           args=TrainingArguments(output_dir=os.path.join(out, "np"), **common))
+                           args=TrainingArguments(output_dir=os.path.join(out, "np"), learning_rate=5e-3,
+                                                  **common))
         baseline.train()
         public_acc = accuracy(baseline, test)
 

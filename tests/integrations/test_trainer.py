@@ -10,7 +10,6 @@
 import json
 import os
 import shutil
-import warnings
 
 import pytest
 
@@ -88,9 +87,9 @@ def _params(model):
     return [p.detach().clone() for p in model.parameters()]
 
 
-def _dpa_epsilon(sigma, q, steps, delta=1e-5):
+def _dpa_epsilon(sigma, q, steps, delta=1e-5, vdi=VDI):
     """dp_accounting's PLD of `steps` Poisson-subsampled Gaussian steps, called directly."""
-    ref = DpaPLD(value_discretization_interval=VDI)
+    ref = DpaPLD(value_discretization_interval=vdi)
     ref.compose(dp_accounting.SelfComposedDpEvent(
         dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps))
     return ref.get_epsilon(delta)
@@ -124,6 +123,7 @@ def test_target_epsilon_is_calibrated_for_the_trainer_run_and_guarded(tmp_path):
     trainer.train()
     sigma = trainer.dp_optimizer.noise_multiplier
     assert trainer.dp_optimizer.max_steps == 4
+    assert trainer.epsilon() == pytest.approx(_dpa_epsilon(sigma, 8 / N, 4, vdi=1e-2), rel=1e-6)
     assert 1.9 < trainer.epsilon() <= 2.0
     with pytest.raises(dpkit.PrivacyBudgetExceeded):
         trainer.train()  # a second run of 4 steps would exceed the calibrated budget
