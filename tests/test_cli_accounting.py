@@ -335,3 +335,13 @@ def test_plan_bad_input(capsys, args, flag):
     assert main(["plan", *args]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and flag in err
+
+
+def test_all_accountants_at_a_billion_steps_answer(capsys):
+    """Before: prv's fallback did not catch MemoryError (2.76 TiB allocation) -> traceback."""
+    data = _cli(capsys, "epsilon", "--sampling-rate", "0.01", "--noise-multiplier", "1", "--steps", "1e9",
+                "--delta", "1e-5", "--accountant", "all")
+    rdp = make_accountant("rdp").compose(dpsgd_event(1.0, 0.01, 10**9)).epsilon(1e-5)
+    assert data["epsilon"]["prv"] == pytest.approx(rdp, rel=1e-12)   # prv fell back to RDP
+    assert data["epsilon"]["pld"] <= rdp + 1e-9 and data["method"]["pld"]["method"] == "rdp"
+    assert any("prv" in note and "RDP" in note for note in data["notes"])
