@@ -22,7 +22,7 @@ from dpkit.admm.solver import VARIANTS, _check_data, as_generator, private_admm
 class _ADMMBase(BaseEstimator):
     """Shared parameter checks, noise choice and the ADMM run of the estimators."""
 
-    def _noise_multiplier(self, steps, q):
+    def _noise_multiplier(self, steps, q, n):
         # explicit noise, calibrated noise, or none (non-private)
         if self.noise_multiplier is not None:
             if self.epsilon is not None:
@@ -33,6 +33,16 @@ class _ADMMBase(BaseEstimator):
         if self.epsilon is None:
             return 0.0
         v.positive("epsilon", self.epsilon)
+        if v.one_of("calibration", self.calibration, ("dpkit", "reference")) == "reference":
+            if self.variant == "centralized" or self.clip is None:
+                raise ValueError("calibration='reference' is the reference code's local noise: it needs "
+                                 "variant='federated' or 'decentralized' and a clip; got "
+                                 f"variant={self.variant!r}, clip={self.clip!r}")
+            from dpkit.admm.reference import reference_admm_calibration
+
+            self.reference_ = reference_admm_calibration(self.epsilon, self.delta, clip=self.clip, steps=steps,
+                                                         num_users=n, relaxation=self.relaxation)
+            return self.reference_.noise_multiplier
         return calibrate_admm_noise(self.epsilon, self.delta, steps, variant=self.variant,
                                     sampling_rate=None if self.variant == "centralized" else q)
 
@@ -46,7 +56,7 @@ class _ADMMBase(BaseEstimator):
         else:
             q = 1.0 if self.variant == "centralized" else 1.0 / n
         steps = max_iter * n if self.variant == "decentralized" else max_iter
-        sigma = self._noise_multiplier(steps, q)
+        sigma = self._noise_multiplier(steps, q, n)
         if sigma > 0 and self.clip is None:
             raise ValueError("clip must be a positive number for private training; got None")
         if self.fit_intercept:
@@ -91,6 +101,10 @@ _COMMON_ARGS = """
         relaxation: KM relaxation in (0, 1).  step: prox step (> 0).
         fit_intercept: learn an unpenalised intercept.
         noise_multiplier: give the noise directly instead of ``epsilon`` (epsilon must be None).
+        calibration: ``"dpkit"`` (default) or ``"reference"``: the authors' code's noise for
+            ``epsilon`` (:func:`dpkit.admm.reference.reference_admm_calibration`; federated or
+            decentralized only; warns). Its ε, kept in ``reference_``, is only CLAIMED by the
+            reference code; ``epsilon_`` is always dpkit's account of the noise that ran.
         random_state: None (default: OS entropy), a numpy Generator, or an int seed for tests
             (emits ``SeededRandomnessWarning``: a fixed seed fixes the noise).
 
@@ -114,8 +128,9 @@ class DPLassoADMM(RegressorMixin, _ADMMBase):
 
     def __init__(self, alpha=1.0, *, epsilon=1.0, delta=1e-5, variant="centralized", clip=1.0,
                  max_iter=50, sampling_rate=0.1, relaxation=0.5, step=1.0, fit_intercept=True,
-                 noise_multiplier=None, random_state=None):
+                 noise_multiplier=None, random_state=None, calibration="dpkit"):
         self.alpha = alpha
+        self.calibration = calibration
         self.epsilon = epsilon
         self.delta = delta
         self.variant = variant
@@ -154,8 +169,10 @@ class DPLogisticADMM(ClassifierMixin, _ADMMBase):
 
     def __init__(self, alpha=1e-3, *, classes=None, penalty="l2", l1_ratio=0.5, epsilon=1.0, delta=1e-5,
                  variant="centralized", clip=1.0, max_iter=50, sampling_rate=0.1, relaxation=0.5,
-                 step=1.0, fit_intercept=True, noise_multiplier=None, random_state=None):
+                 step=1.0, fit_intercept=True, noise_multiplier=None, random_state=None,
+                 calibration="dpkit"):
         self.alpha = alpha
+        self.calibration = calibration
         self.classes = classes
         self.penalty = penalty
         self.l1_ratio = l1_ratio

@@ -64,3 +64,26 @@ def test_bad_input_names_the_argument():
         reference_scale_noise(1.0, 1e-5, clip=1.0, steps=10, num_users=0)
     with pytest.raises(ValueError, match="relaxation"):
         reference_admm_calibration(1.0, 1e-5, clip=1.0, steps=10, num_users=10, relaxation=1.5)
+
+
+def test_estimator_reference_calibration_reports_dpkits_epsilon():
+    from dpkit.admm import DPLassoADMM, admm_epsilon
+
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(60, 3)) / 2, rng.normal(size=60)
+    with pytest.warns(ReferenceCalibrationWarning, match=CLAIM_LABEL):
+        model = DPLassoADMM(alpha=0.01, epsilon=1.0, delta=1e-6, variant="federated", clip=1.6,
+                            max_iter=20, sampling_rate=0.1, relaxation=0.464, calibration="reference",
+                            random_state=np.random.default_rng(1)).fit(X, y)
+    # T = 20 rounds, n = 60 users: σ = scale_noise/(4L) = 2L²T/(ρn²)/(4L)
+    rho = _rho(1.0, 1e-6)
+    assert model.noise_multiplier_ == pytest.approx(2 * 1.6 ** 2 * 20 / (rho * 60 ** 2) / (4 * 1.6), rel=1e-10)
+    assert model.reference_.claimed_epsilon == 1.0
+    # epsilon_ is dpkit's own account of that noise, not the claim
+    assert model.epsilon_ == admm_epsilon(model.noise_multiplier_, 20, 1e-6, variant="federated",
+                                          sampling_rate=0.1)
+    assert model.epsilon_ > 100
+    with pytest.raises(ValueError, match="calibration"):
+        DPLassoADMM(epsilon=1.0, variant="centralized", calibration="reference").fit(X, y)
+    with pytest.raises(ValueError, match="calibration"):
+        DPLassoADMM(epsilon=1.0, variant="federated", calibration="paper").fit(X, y)
