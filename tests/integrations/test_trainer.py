@@ -268,3 +268,17 @@ def test_coupled_token_mean_loss_is_refused_unless_a_per_example_loss_is_given(t
     ok = _trainer(tmp_path / "ok", Tokens(pad_labels=True), max_steps=2, compute_loss_func=per_example_mean)
     ok.train()
     assert ok.dp_optimizer.steps == 2
+
+
+# ---------------------------------------------------------------------------- peft
+def test_lora_adapters_alone_are_trained_and_accounted(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(_model(), peft.LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = _trainer(tmp_path, model=model, max_steps=3)
+    trainer.train()
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n for n in trained)
+    for n, p in model.named_parameters():  # frozen base weights untouched, every adapter moved (noise)
+        assert torch.equal(p, before[n]) != (n in trained), n
+    assert trainer.epsilon() == pytest.approx(_dpa_epsilon(1.0, 8 / N, 3), rel=1e-6)
