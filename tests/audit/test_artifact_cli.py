@@ -134,12 +134,12 @@ def test_cli_audit_text_json_plot_and_errors(tmp_path):
 
 @pytest.mark.parametrize("argv, name", [
     (["risk", "--sampling-rate", "0", "--noise-multiplier", "1.0", "--steps", "100"],
-     "sampling_rate"),
+     "--sampling-rate"),
     (["risk", "--sampling-rate", "0.1", "--noise-multiplier", "-1", "--steps", "100"],
-     "noise_multiplier"),
-    (["risk", "--sampling-rate", "0.1", "--noise-multiplier", "1", "--steps", "0"], "steps"),
+     "--noise-multiplier"),
+    (["risk", "--sampling-rate", "0.1", "--noise-multiplier", "1", "--steps", "0"], "--steps"),
     (["risk", "--sampling-rate", "0.1", "--noise-multiplier", "1", "--steps", "5", "--fpr", "2"],
-     "fpr"),
+     "--fpr"),
     (["audit", "{good}", "--confidence", "2"], "confidence"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys, argv, name):
