@@ -135,3 +135,19 @@ def test_example_quick_json_rows():
                           "confidence", "runs", "utility"}
         violated = r["epsilon_lower_bound"] > r["claimed_epsilon"]
         assert violated == (r["calibration"] == "reference"), r
+
+
+def test_admm_one_run_audit_flags_the_reference_claim_and_an_under_noised_variant():
+    cfg = dict(example.ADMM, p=16)
+    rounds = 40
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ADMMWarning)
+        ref = reference_admm_calibration(cfg["epsilon"], cfg["delta"], clip=cfg["clip"], steps=rounds,
+                                         num_users=cfg["n"], relaxation=cfg["relaxation"])
+    bound, guesses, correct = example.admm_one_run(cfg, ref.noise_multiplier, rounds, seed=3)
+    assert guesses == 100
+    assert bound > cfg["epsilon"], (bound, correct)   # measured 3.49: 100 of 100 correct
+    sigma = calibrate_admm_noise(cfg["epsilon"], cfg["delta"], rounds, variant="federated",
+                                 sampling_rate=cfg["q"])
+    assert example.admm_one_run(cfg, sigma, rounds, seed=4)[0] <= cfg["epsilon"]   # measured 0.0
+    assert example.admm_one_run(cfg, sigma / 1000, rounds, seed=5)[0] > cfg["epsilon"]  # under-noised
