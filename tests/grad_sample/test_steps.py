@@ -248,6 +248,48 @@ def test_functional_weight_use_is_refused_and_module_tying_is_exact(mode):
     _assert_matches(engine, model, expected)
 
 
+class _QKVAttention(nn.Module):
+    """q/k/v projections into scaled dot-product attention: the key bias's true gradient is 0
+    (softmax is invariant to it), so float32 leaves only rounding noise there."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        return F.scaled_dot_product_attention(self.q(x), self.k(x), self.v(x))
+
+
+@pytest.mark.parametrize("mode", ["bk", "per_sample"])
+def test_float32_rounding_on_a_zero_gradient_is_not_a_functional_use(mode):
+    torch.set_default_dtype(torch.float32)
+    torch.manual_seed(20)
+    model = _QKVAttention()
+    x = 3 * torch.randn(8, 16, 16)
+    loss = lambda m, i: m(i[0]).pow(2).sum()  # noqa: E731
+    reference = copy.deepcopy(model).double()
+    expected = clipped_sum(per_example_grads(reference, (x.double(),), loss), 0.5)
+    expected = dict(zip(map(id, model.parameters()), (expected[id(p)] for p in reference.parameters())))
+    engine = GradientEngine(model, max_grad_norm=0.5, mode=mode, loss_reduction="sum")
+    for _ in range(3):
+        engine.reset()
+        loss(model, (x,)).backward()
+        assert engine.accumulate() == 8
+    for p in model.parameters():
+        torch.testing.assert_close(engine.clipped_sum(p).double(), expected[id(p)], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["bk", "per_sample"])
+def test_functional_weight_use_is_refused_in_float32(mode):
+    torch.set_default_dtype(torch.float32)
+    torch.manual_seed(21)
+    model = _TiedLM(functional=True)
+    engine = GradientEngine(model, max_grad_norm=0.1, mode=mode, loss_reduction="sum")
+    model(torch.randint(0, 11, (4, 5))).logsumexp(-1).sum().backward()
+    with pytest.raises(RuntimeError, match=r"'wte.weight' received gradient from a use outside its module"):
+        engine.accumulate()
+
+
 # ---------------------------------------------------------------------- bf16 autocast
 def test_bf16_autocast_contributions_never_exceed_c():
     torch.set_default_dtype(torch.float32)
