@@ -39,6 +39,7 @@ from dpkit.mechanisms.matrix.participation import CyclicPoissonSampler
 from dpkit.mechanisms.matrix.plan import matrix_accountant
 from dpkit.mechanisms.matrix.streaming import CorrelatedNoise
 from dpkit.mechanisms.noise import GaussianNoise, NoiseMechanism
+from dpkit.user_level import UserLevelLoader, group_by_user
 from dpkit.mechanisms.randomness import broadcast_seed, fresh_seed, seed_from_generator
 from dpkit.optim.dp_optimizer import DPOptimizer
 
@@ -53,7 +54,8 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
                  expected_batch_size: float | None = None, noise: NoiseMechanism | None = None,
                  secure_mode: bool = False, generator: torch.Generator | None = None,
                  distributed: bool = False, embedding_noise="eager", error_feedback: dict | None = None,
-                 batch_first: bool | None = None):
+                 batch_first: bool | None = None, privacy_unit: str = "example", user_ids=None,
+                 max_examples_per_user: int | None = None):
     """Make ``model``/``optimizer``/``data_loader`` train with DP-SGD and track ε.
 
     Args:
@@ -104,6 +106,12 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
             that contradicts the declaration is still refused. RNNs and attention follow their own
             ``batch_first`` flags.
 
+        privacy_unit: ``"example"`` (default) or ``"user"``: user-level DP — ``user_ids`` (one per
+            example) groups the examples, ``data_loader.batch_size`` is the expected number of
+            USERS per step, users are Poisson-sampled, each user's summed gradient is clipped once
+            and ε is user-level (see :mod:`dpkit.user_level`; needs ``loss_reduction="sum"``).
+        user_ids, max_examples_per_user: only with ``privacy_unit="user"``.
+
     Returns:
         ``(model, dp_optimizer, dp_data_loader)`` (``dp_data_loader`` is None if none was given).
 
@@ -122,8 +130,12 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
         raise TypeError(f"generator must be a torch.Generator or None; got {type(generator).__name__}")
     max_grad_norm = _validate.positive("max_grad_norm", max_grad_norm)
 
+    users = _users(privacy_unit, user_ids, max_examples_per_user, data_loader, loss_reduction, poisson_sampling,
+                   distributed, max_physical_batch_size, noise, error_feedback)
     cyclic = _cyclic_sampler(data_loader)
-    if cyclic is not None:
+    if users is not None:
+        dataset_size, batch_size, q = _user_sampling(users, data_loader)
+    elif cyclic is not None:
         dataset_size, batch_size, q = _cyclic_sampling(data_loader, cyclic, sample_rate, expected_batch_size)
     else:
         dataset_size, batch_size, q = _sampling(data_loader, sample_rate, expected_batch_size)
@@ -201,7 +213,13 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
 
     dp_loader = None
     if data_loader is not None:
-        if cyclic is not None:
+        if users is not None:
+            seed = None if generator is None or secure_mode else seed_from_generator(generator)
+            sampler = PoissonBatchSampler(len(users), q, steps=math.ceil(dataset_size / batch_size), seed=seed,
+                                          secure_mode=secure_mode)
+            sampler.seed_is_fixed = generator is not None and not secure_mode
+            dp_loader = UserLevelLoader(data_loader.dataset, users, sampler, collate_fn=data_loader.collate_fn)
+        elif cyclic is not None:
             if distributed:
                 raise ValueError("distributed=True does not support CyclicPoissonSampler")
             dp_loader = DPDataLoader(data_loader.dataset, cyclic, max_physical_batch_size=max_physical_batch_size,
@@ -243,6 +261,37 @@ def _build_loader(data_loader, dataset_size, batch_size, q, poisson_sampling, *,
     return DPDataLoader(dataset, batch_sampler, max_physical_batch_size=max_physical_batch_size,
                         collate_fn=data_loader.collate_fn, num_workers=data_loader.num_workers,
                         pin_memory=data_loader.pin_memory)
+
+
+def _users(privacy_unit, user_ids, max_examples_per_user, data_loader, loss_reduction, poisson_sampling,
+           distributed, max_physical_batch_size, noise, error_feedback):
+    """Example indices per user for ``privacy_unit="user"`` (None for example-level DP)."""
+    _validate.one_of("privacy_unit", privacy_unit, ("example", "user"))
+    if privacy_unit == "example":
+        if user_ids is not None or max_examples_per_user is not None:
+            raise ValueError("user_ids and max_examples_per_user need privacy_unit='user'")
+        return None
+    if user_ids is None or data_loader is None:
+        raise ValueError("privacy_unit='user' needs user_ids= (one per example) and a data_loader whose "
+                         "batch_size is the expected number of users per step")
+    unsupported = {"loss_reduction='mean'": loss_reduction != "sum", "poisson_sampling=False": not poisson_sampling,
+                   "distributed=True": distributed, "max_physical_batch_size": max_physical_batch_size is not None,
+                   "noise=": noise is not None, "error_feedback=": error_feedback is not None}
+    bad = [name for name, on in unsupported.items() if on]
+    if bad:
+        raise ValueError(f"privacy_unit='user' supports loss_reduction='sum', Poisson sampling and i.i.d. "
+                         f"noise only; got {', '.join(bad)}")
+    _sampling(data_loader, None, None)  # validates the loader
+    return group_by_user(user_ids, len(data_loader.dataset), max_examples_per_user)
+
+
+def _user_sampling(users, data_loader):
+    """(number of users U, expected users per step B_u, q = B_u / U)."""
+    b = _validate.positive_int("data_loader.batch_size", data_loader.batch_size)
+    if b > len(users):
+        raise ValueError(f"data_loader.batch_size (expected users per step) must be <= the number of users "
+                         f"{len(users)}; got {b}")
+    return len(users), float(b), b / len(users)
 
 
 def _cyclic_sampler(data_loader):
