@@ -287,6 +287,8 @@ def main(argv=None):
           f"{'runs':>6s} {'utility':>9s}")
     for r in rows:
         flag = "  VIOLATION" if r["epsilon_lower_bound"] > r["claimed_epsilon"] else ""
+        if r["calibration"] == "reference":
+            flag += f"  (claimed eps {CLAIM_LABEL})"
         print(f"{r['mechanism']:9s} {r['calibration']:11s} {r['claimed_epsilon']:11g} "
               f"{r['epsilon_lower_bound']:17.3f} {r['runs']:6d} {r['utility']:9.4f}{flag}")
     print(f"({time.perf_counter() - start:.1f} s)")
