@@ -2,7 +2,8 @@
 
 Each standard normal vector ``z_k`` is regenerated on demand from the counter ``(seed, k, tensor
 index)`` with a freshly seeded ``torch.Generator`` (counter-based randomness), so nothing but the
-strategy's own recursion state is stored:
+strategy's own recursion state is stored (a BLT step is one GEMV over its buffers plus one fused
+buffer update; memory traffic over the buffers is all it adds to drawing z_t):
 
 =========  ======================================================  ==========================
 kind       recursion for step t                                    stored tensors (per param)
@@ -113,7 +114,10 @@ class CorrelatedNoise(NoiseMechanism):
             raise ValueError(f"step must be < the strategy's n={self.strategy.n}; got {step}")
         dtypes = [_work_dtype(ref) for ref in like]
         unit = getattr(self, f"_step_{self.strategy.kind}")(step, like, dtypes)
-        out = [(w * self.sensitivity).to(ref.dtype) for w, ref in zip(unit, like)]
+        # banded outputs are kept as recursion state: scale a copy; every other kind's are fresh
+        kept = self.strategy.kind == "banded" and self._coef.shape[1] > 1
+        out = [(w * self.sensitivity if kept else w.mul_(self.sensitivity)).to(ref.dtype)
+               for w, ref in zip(unit, like)]
         self._next = step + 1
         self._last = (step, out)  # the caller must not modify the returned tensors in place
         return out
@@ -142,12 +146,12 @@ class CorrelatedNoise(NoiseMechanism):
                              for ref, dt in zip(like, dtypes)]
         out = []
         for i, zi in enumerate(z):
-            buf = self._buffers[i]
+            buf = self._buffers[i].view(s.theta.size, -1)  # (d, numel): one pass per operation
             omega = torch.as_tensor(s.omega, dtype=buf.dtype, device=buf.device)
-            theta = torch.as_tensor(s.theta, dtype=buf.dtype, device=buf.device)
-            shape = (-1,) + (1,) * zi.dim()  # broadcast the d buffer weights over the tensor
-            out.append(zi + (omega.reshape(shape) * buf).sum(0))
-            buf.mul_(theta.reshape(shape)).add_(zi.unsqueeze(0))
+            theta = torch.as_tensor(s.theta, dtype=buf.dtype, device=buf.device).unsqueeze(1)
+            flat = zi.reshape(-1)
+            out.append(torch.addmv(flat, buf.t(), omega).view(zi.shape))  # z_t + Σ_j ω_j s_j
+            torch.addcmul(flat, buf, theta, out=buf)                       # s_j ← θ_j s_j + z_t
         return out
 
     def _step_toeplitz(self, t, like, dtypes):
