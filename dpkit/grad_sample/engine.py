@@ -40,7 +40,9 @@ agreement — the first use whose layer fixes its batch axis, else axis 0 of the
 
 * Layers whose API fixes the batch axis (convolutions, GroupNorm/InstanceNorm, EmbeddingBag,
   attention, RNNs and Transformer layers through ``batch_first``, layers inside an
-  ``nn.Transformer*`` module through its ``batch_first``, registered custom rules: axis 0, or an
+  ``nn.Transformer*`` module through its ``batch_first``, layers inside a model whose class is
+  registered batch-first (Hugging Face models: their API takes (batch, ...) inputs, see
+  :func:`dpkit.grad_sample.registry.register_batch_first`), registered custom rules: axis 0, or an
   axis given to :meth:`set_batch_axis`) must have size n on that axis.
 * Position-wise layers (Linear, LayerNorm, RMSNorm, Embedding) accept any leading axis: the batch
   is the ONE non-feature axis of size n, so a time-major (T, B, d) input with T ≠ B is clipped
@@ -108,6 +110,7 @@ from dpkit.grad_sample.layers import (
     RMSNormRule,
     rule_for,
 )
+from dpkit.grad_sample.registry import is_batch_first
 from dpkit.grad_sample.rnn import check_rnn
 from dpkit.grad_sample.validation import check_model
 
@@ -445,8 +448,8 @@ class GradientEngine:
         if len(lead) < 2 or lead[0] != 1:
             return t
         name = self._owner_names.get(id(module))
-        known = self._declared_axes.get(name, self._declared_axes.get(
-            None, self._proven_axes.get((id(module), len(lead) + 1))))
+        known = self._declared_axes.get(name, self._ancestor_axes.get(name, self._declared_axes.get(
+            None, self._proven_axes.get((id(module), len(lead) + 1)))))
         if n in lead and known != 0:
             return t  # (1, T) with T == n: broadcast or time-major? _batch_first decides or refuses
         return t.expand(n, *t.shape[1:])
@@ -997,14 +1000,18 @@ def _any_trainable(module: nn.Module, recurse: bool) -> bool:
 
 def _transformer_axes(model: nn.Module, owners) -> dict[str, int]:
     """Batch axis of position-wise layers called by an ``nn.Transformer*`` module (its
-    ``batch_first``); the nearest enclosing MultiheadAttention runs batch-first internally (see
-    dpkit.grad_sample.attention), so layers inside it keep axis 0."""
+    ``batch_first``) or by a model class registered batch-first (Hugging Face models, see
+    :func:`dpkit.grad_sample.registry.register_batch_first`): axis 0; the nearest enclosing
+    MultiheadAttention runs batch-first internally (see dpkit.grad_sample.attention), so layers
+    inside it keep axis 0. The nearest enclosing such module decides."""
     kinds = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.MultiheadAttention):
             kinds[name] = 0
         elif isinstance(module, _TRANSFORMERS):
             kinds[name] = 0 if _batch_first(module) else 1
+        elif is_batch_first(module):
+            kinds[name] = 0
     axes = {}
     for name, _, _ in owners:
         parts = name.split(".")

@@ -4,6 +4,11 @@
 first by :func:`dpkit.grad_sample.layers.rule_for`. Integrations for optional libraries (Hugging
 Face transformers, ...) register their rules lazily: only when that library has been imported by
 the user, so dpkit never imports it itself.
+
+:func:`register_batch_first` names model classes whose API contract puts the batch on axis 0 of
+every position-wise layer they call (Hugging Face models: every input is (batch, ...)); the engine
+then reads those layers' batch on axis 0 instead of inferring it (see
+:mod:`dpkit.grad_sample.engine`, "Batch axis").
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import torch.nn as nn
 
 _REGISTERED: dict[type, object] = {}
 _BY_NAME: dict[str, object] = {}  # "package.module.Class" -> rule
+_BATCH_FIRST: set[str] = set()  # qualified names of batch-first model classes
 # optional library (top-level module name) -> dpkit module that registers its rules on import
 _INTEGRATIONS = {"transformers": "dpkit.integrations.transformers"}
 _loaded: set[str] = set()
@@ -48,8 +54,42 @@ def registered_rule(module: nn.Module):
     cls = type(module)
     rule = _REGISTERED.get(cls)
     if rule is None and _BY_NAME:
-        rule = _BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
+        rule = _BY_NAME.get(_qualified(cls))
     return rule
+
+
+def register_batch_first(model_class) -> None:
+    """Declare that every model of ``model_class`` or a subclass keeps the batch on axis 0 of the
+    tensors of every position-wise layer (Linear, norms, embeddings) it calls.
+
+    Register only classes whose code guarantees it: a class that transposes to time-major
+    internally would be clipped per time step on a batch with as many examples as positions
+    (a batch of another size is still refused: the layer's axis 0 does not hold n examples).
+
+    Args:
+        model_class: an ``nn.Module`` subclass or its qualified name ``"package.module.Class"``.
+
+    Raises:
+        TypeError: neither an ``nn.Module`` subclass nor a dotted name.
+    """
+    if isinstance(model_class, str):
+        if "." not in model_class:
+            raise TypeError(f"model_class must be a qualified name 'package.module.Class'; got {model_class!r}")
+        _BATCH_FIRST.add(model_class)
+        return
+    if not (isinstance(model_class, type) and issubclass(model_class, nn.Module)):
+        raise TypeError(f"model_class must be an nn.Module subclass; got {model_class!r}")
+    _BATCH_FIRST.add(_qualified(model_class))
+
+
+def is_batch_first(module: nn.Module) -> bool:
+    """Whether ``module``'s class or one of its bases was registered with :func:`register_batch_first`."""
+    _load_integrations()
+    return bool(_BATCH_FIRST) and any(_qualified(c) in _BATCH_FIRST for c in type(module).__mro__)
+
+
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _load_integrations() -> None:

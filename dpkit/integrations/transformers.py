@@ -16,6 +16,14 @@ never imports ``transformers`` on its own (``pip install dpkit[hf]`` installs it
   ``Σ_positions ḡ ⊙ s(x)`` with ``s(x) = y(w=1) − y(w=0)`` taken from the layer's OWN forward (its
   dtype casts included). Without these rules the layers take the generic torch.func fallback.
 
+* Batch axis: the model families below are registered batch-first
+  (:func:`dpkit.grad_sample.registry.register_batch_first`). Their API takes (batch, seq) inputs
+  and their code keeps the batch on axis 0 of every hidden state, so the engine reads every
+  position-wise layer's batch on axis 0 — a batch with as many examples as tokens (B == T) is
+  clipped exactly from the first step, without ``batch_first=True``. Only families whose code was
+  checked (and whose B == T step is tested against the batch-of-1 reference) are listed: some
+  older families (XLNet, Transfo-XL, FSMT) transpose to time-major internally.
+
 Classes are matched by their qualified name (module path + class name), so no model family's code
 is imported here; a class absent from the installed version simply never matches.
 """
@@ -28,7 +36,7 @@ from torch.func import functional_call
 
 from dpkit.grad_sample.bk_forward import register_bk_forward, store_grad
 from dpkit.grad_sample.layers import LinearView, LinearViewRule, PerSampleRule
-from dpkit.grad_sample.registry import register_rule
+from dpkit.grad_sample.registry import register_batch_first, register_rule
 
 
 class Conv1DRule(LinearViewRule):
@@ -114,8 +122,21 @@ ELEMENTWISE_SCALE_CLASSES = tuple(f"{_MODELS}.{family}.modeling_{family}.{cls}" 
     ("mt5", "MT5LayerNorm"),
 ))
 CONV1D_CLASS = "transformers.pytorch_utils.Conv1D"
+# base classes of model families that keep the batch on axis 0 of every hidden state
+BATCH_FIRST_CLASSES = tuple(f"{_MODELS}.{family}.modeling_{family}.{cls}" for family, cls in (
+    ("gpt2", "GPT2PreTrainedModel"),
+    ("bert", "BertPreTrainedModel"),
+    ("distilbert", "DistilBertPreTrainedModel"),
+    ("roberta", "RobertaPreTrainedModel"),
+    ("t5", "T5PreTrainedModel"),
+    ("vit", "ViTPreTrainedModel"),
+    ("llama", "LlamaPreTrainedModel"),
+    ("mistral", "MistralPreTrainedModel"),
+))
 
 register_rule(CONV1D_CLASS, Conv1DRule())
 register_bk_forward(CONV1D_CLASS, _conv1d_bk)
 for _name in ELEMENTWISE_SCALE_CLASSES:
     register_rule(_name, ElementwiseScaleRule())
+for _name in BATCH_FIRST_CLASSES:
+    register_batch_first(_name)

@@ -140,6 +140,44 @@ def test_clipped_sum_matches_batch_of_one_reference(name, variant, mode):
     assert max_relative_error(name, variant, mode) <= 1e-8
 
 
+@pytest.mark.parametrize("name,mode", [("gpt2", "bk"), ("gpt2", "per_sample"), ("bert", "bk")])
+def test_first_batch_with_as_many_examples_as_tokens_trains_exactly(name, mode):
+    """make_private with dpkit's loader, no batch_first declaration, and a first batch of
+    B == T == 8 sequences: the model family is registered batch-first, so every position-wise
+    layer's (8, 8, d) tensors are read on axis 0 (the SGD step with σ = 0 equals the reference)."""
+    import copy
+
+    import dpkit
+    from torch.utils.data import DataLoader, TensorDataset
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(1)
+        model, _, loss = MODELS[name][0]()
+        model = model.to(torch.float64).train()
+        ids = torch.randint(3, VOCAB, (16, T))
+        labels = ids if name == "gpt2" else torch.randint(0, 2, (16,))
+        before = copy.deepcopy(model)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        model, optimizer, loader = dpkit.make_private(
+            model, optimizer, DataLoader(TensorDataset(ids, labels), batch_size=T), max_grad_norm=0.05,
+            noise_multiplier=0.0, poisson_sampling=False, accountant="rdp", clipping=mode)
+        batch = next(iter(loader))
+        assert batch[0].shape == (T, T)
+        optimizer.zero_grad()
+        loss(model, batch).backward()
+        optimizer.step()
+        expected = clipped_sum(per_example_grads(before, tuple(batch), loss), 0.05)
+        total = torch.sqrt(sum(v.pow(2).sum() for v in expected.values())).item()
+        for p0, p1 in zip(before.parameters(), model.parameters()):
+            want = -expected[id(p0)] / T  # SGD, lr 1, the clipped sum over the expected batch size
+            assert (p1.detach() - p0.detach() - want).norm().item() <= 1e-8 * max(want.norm().item(), total)
+        optimizer.engine.detach()
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def write_table(path):
     """Run every case and write the exactness table (markdown) to ``path``."""
     lines = ["# Models checked for exact per-example clipping", "",
