@@ -563,7 +563,6 @@ def _optimize_gram(A: np.ndarray, mask: np.ndarray, X: np.ndarray, maxiter: int)
     costs one Cholesky and one triangular solve). The objective is convex in X, so this converges
     to the global optimum; every iterate is feasible. Starts from ``X`` (made feasible).
     """
-    n = X.shape[0]
     mask = mask.copy()
     np.fill_diagonal(mask, False)  # diag(X) = 1 is fixed
     X = np.where(mask, X, 0.0)
