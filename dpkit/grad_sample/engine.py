@@ -110,7 +110,7 @@ from dpkit.grad_sample.layers import (
     RMSNormRule,
     rule_for,
 )
-from dpkit.grad_sample.registry import is_batch_first
+from dpkit.grad_sample.registry import is_batch_first, per_example_inputs_hook
 from dpkit.grad_sample.rnn import check_rnn
 from dpkit.grad_sample.validation import check_model
 
@@ -408,6 +408,11 @@ class GradientEngine:
         for name, module, rule in self._owners:
             if module in self._patched:
                 self._bk_params.update(id(p) for p in module.parameters(recurse=False))
+        for module in self.model.modules():  # tensors a module would broadcast over the batch
+            per_example = per_example_inputs_hook(module)
+            if per_example is not None:
+                self._handles.append(module.register_forward_pre_hook(
+                    self._per_example_inputs(module, per_example), with_kwargs=True))
         for p in self.params:
             self._handles.append(p.register_hook(self._param_hook(id(p))))
         # gradient accumulators of the parameters: a backward that runs none of them trains nothing
@@ -418,6 +423,12 @@ class GradientEngine:
             return self._before_model_forward(module, args, kwargs)
 
         self._handles.append(self.model.register_forward_pre_hook(before_forward, with_kwargs=True))
+
+    def _per_example_inputs(self, module, per_example):
+        def pre_hook(mod, args, kwargs):
+            if mod is module and self._capturing():  # not a deep copy, not no_grad
+                return per_example(mod, args, kwargs)
+        return pre_hook
 
     def _install_forward(self, module, fn) -> None:
         module.forward = _EngineForward(module, fn)

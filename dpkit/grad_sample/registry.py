@@ -21,6 +21,7 @@ import torch.nn as nn
 _REGISTERED: dict[type, object] = {}
 _BY_NAME: dict[str, object] = {}  # "package.module.Class" -> rule
 _BATCH_FIRST: set[str] = set()  # qualified names of batch-first model classes
+_PRE_FORWARD: dict[str, object] = {}  # "package.module.Class" -> per-example input hook
 # optional library (top-level module name) -> dpkit module that registers its rules on import
 _INTEGRATIONS = {"transformers": "dpkit.integrations.transformers"}
 _loaded: set[str] = set()
@@ -86,6 +87,33 @@ def is_batch_first(module: nn.Module) -> bool:
     """Whether ``module``'s class or one of its bases was registered with :func:`register_batch_first`."""
     _load_integrations()
     return bool(_BATCH_FIRST) and any(_qualified(c) in _BATCH_FIRST for c in type(module).__mro__)
+
+
+def register_per_example_inputs(module_class, hook) -> None:
+    """Give modules of ``module_class`` (exact class) per-example copies of a tensor they would
+    otherwise build once and broadcast over the batch (T5's relative position bias).
+
+    A parameter whose output is broadcast over the batch receives the SUM of the examples'
+    gradients, so no rule can split it per example. While the engine records a training step it
+    calls ``hook(module, args, kwargs)`` before the module's forward; the hook returns ``None``
+    (nothing to do) or ``(args, kwargs)`` with that tensor computed with a leading batch axis
+    (e.g. an embedding looked up with ids expanded to (B, ...)), so each example's gradient
+    reaches the parameter's rule separately. The result must equal what the module computes.
+
+    Raises:
+        TypeError: ``module_class`` is not a qualified name or ``hook`` is not callable.
+    """
+    if not isinstance(module_class, str) or "." not in module_class:
+        raise TypeError(f"module_class must be a qualified name 'package.module.Class'; got {module_class!r}")
+    if not callable(hook):
+        raise TypeError(f"hook must be callable; got {hook!r}")
+    _PRE_FORWARD[module_class] = hook
+
+
+def per_example_inputs_hook(module: nn.Module):
+    """The hook registered with :func:`register_per_example_inputs` for ``type(module)``, or None."""
+    _load_integrations()
+    return _PRE_FORWARD.get(_qualified(type(module))) if _PRE_FORWARD else None
 
 
 def _qualified(cls: type) -> str:

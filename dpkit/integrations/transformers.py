@@ -24,6 +24,12 @@ never imports ``transformers`` on its own (``pip install dpkit[hf]`` installs it
   checked (and whose B == T step is tested against the batch-of-1 reference) are listed: some
   older families (XLNet, Transfo-XL, FSMT) transpose to time-major internally.
 
+* ``T5Attention``'s relative position bias: looked up with (q, k) bucket ids and broadcast over
+  the batch, so its table's gradient is the sum over examples. While the engine records a step,
+  the bias is computed per example instead (ids expanded to (B, q, k)), exactly the same values;
+  the embedding rule then clips the table per example
+  (:func:`dpkit.grad_sample.registry.register_per_example_inputs`).
+
 Classes are matched by their qualified name (module path + class name), so no model family's code
 is imported here; a class absent from the installed version simply never matches.
 """
@@ -36,7 +42,7 @@ from torch.func import functional_call
 
 from dpkit.grad_sample.bk_forward import register_bk_forward, store_grad
 from dpkit.grad_sample.layers import LinearView, LinearViewRule, PerSampleRule
-from dpkit.grad_sample.registry import register_batch_first, register_rule
+from dpkit.grad_sample.registry import register_batch_first, register_per_example_inputs, register_rule
 
 
 class Conv1DRule(LinearViewRule):
@@ -96,6 +102,31 @@ class ElementwiseScaleRule(PerSampleRule):
         return out
 
 
+def _t5_per_example_position_bias(module, args, kwargs):
+    """T5Attention with a relative-attention-bias table (first self-attention of each stack):
+    its (1, heads, q, k) position bias, looked up with (q, k) bucket ids and broadcast over the
+    batch, is computed instead with the ids expanded to (B, q, k), giving a (B, heads, q, k) bias
+    of the same values (the attention scores are (B, heads, q, k) already). Example i's gradient
+    then reaches the table as row i, and the embedding rule clips it exactly. Passed to the
+    module as ``position_bias``; later layers reuse it as they reuse the module's own."""
+    table = module.relative_attention_bias if module.has_relative_attention_bias else None
+    if table is None or not table.weight.requires_grad or kwargs.get("position_bias") is not None \
+            or kwargs.get("key_value_states") is not None or len(args) > 1:
+        return None
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if cache is not None and cache.get_seq_length(module.layer_idx) != 0:
+        return None  # incremental decoding (the module's own bias), not a training step
+    hidden = args[0] if args else kwargs["hidden_states"]
+    B, T = hidden.shape[0], hidden.shape[1]
+    position = torch.arange(T, dtype=torch.long, device=hidden.device)
+    buckets = module._relative_position_bucket(
+        position[None, :] - position[:, None], bidirectional=not module.is_decoder,
+        num_buckets=module.relative_attention_num_buckets,
+        max_distance=module.relative_attention_max_distance)
+    bias = table(buckets.expand(B, T, T)).permute(0, 3, 1, 2)  # (B, heads, q, k)
+    return args, {**kwargs, "position_bias": bias}
+
+
 def _trainable(p) -> bool:
     return isinstance(p, torch.Tensor) and p.requires_grad
 
@@ -140,3 +171,5 @@ for _name in ELEMENTWISE_SCALE_CLASSES:
     register_rule(_name, ElementwiseScaleRule())
 for _name in BATCH_FIRST_CLASSES:
     register_batch_first(_name)
+T5_ATTENTION_CLASS = f"{_MODELS}.t5.modeling_t5.T5Attention"
+register_per_example_inputs(T5_ATTENTION_CLASS, _t5_per_example_position_bias)

@@ -127,11 +127,7 @@ def _one_thread():
     torch.set_num_threads(previous)
 
 
-# Full fine-tuning of t5 (relative-position bias looked up with (T, T) ids, no batch axis, its
-# output broadcast over the batch) waits for the engine to split such a table's gradient per
-# example; docs/models.md shows what it gives today.
-TESTED = [(name, variant) for name in sorted(MODELS) for variant in ("full", "lora")
-          if not (variant == "full" and name == "t5")]
+TESTED = [(name, variant) for name in sorted(MODELS) for variant in ("full", "lora")]
 
 
 @pytest.mark.parametrize("mode", ["bk", "per_sample"])
