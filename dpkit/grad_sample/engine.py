@@ -724,11 +724,15 @@ class GradientEngine:
         """Undeclared batch size: the first use whose batch axis is fixed, else axis 0 of the first
         use; the flag says that n was read on axis 0 (the batch-first convention), not on a
         time-major layer's axis."""
-        for name, module, rule, _, grads in uses:
+        for name, module, rule, captured, grads in uses:
             axis = self._fixed_axis(name, module, rule, grads)
-            if axis is not None:
-                g = next(g for g in grads if g is not None)
-                return g.shape[axis], axis == 0
+            if axis is None:
+                continue
+            if isinstance(rule, FunctorchFallback):  # a packed RNN input counts its sequences
+                packed = rule.packed_input(module, captured) is not None
+                return rule.batch_size(module, captured, grads), axis == 0 and not packed
+            g = next(g for g in grads if g is not None)
+            return g.shape[axis], axis == 0
         return next(g for g in uses[0][4] if g is not None).shape[0], True
 
     def _batch_first(self, name, module, rule, captured, grads, n, declared, convention):
@@ -744,6 +748,15 @@ class GradientEngine:
         g = next(g for g in grads if g is not None)
         source = f"expect_batch({n})" if declared else f"the other layers ({n} examples)"
         fixed = self._fixed_axis(name, module, rule, grads)
+        if isinstance(rule, FunctorchFallback):
+            # its own count: the gradient of a packed RNN output has no batch axis (packed steps)
+            size = rule.batch_size(module, captured, grads)
+            if size != n:
+                raise RuntimeError(
+                    f"module {name!r} saw {size} examples on its batch axis {fixed} (output shape "
+                    f"{tuple(g.shape)}), but {source} says {n}; dpkit needs every layer's batch on "
+                    "the axis its API fixes (batch_first for RNN/attention/Transformer layers)")
+            return captured, grads
         if fixed is not None:
             if g.dim() <= fixed or g.shape[fixed] != n:
                 raise RuntimeError(
@@ -790,8 +803,6 @@ class GradientEngine:
                     f"step instead of per example. Declare it: engine.set_batch_axis(axis, {name!r}), "
                     "or engine.set_batch_axis(0) for a batch-first model (optimizer.engine for a "
                     "DPOptimizer); one batch whose size differs from the other axes also proves it.")
-        if isinstance(rule, FunctorchFallback):
-            return captured, grads
         if axis != 0:
             return captured.movedim(axis, 0), [t if t is None else t.movedim(axis, 0) for t in grads]
         if type(rule) is EmbeddingRule and captured.shape[0] == 1 and g.shape[0] != 1:
@@ -806,7 +817,7 @@ class GradientEngine:
             self._silenced = True  # children called inside functional_call must not record
             try:
                 with torch.enable_grad():
-                    per_sample = rule.per_sample_grads(module, captured, grads, _fallback_batch(module, grads))
+                    per_sample = rule.per_sample_grads(module, captured, grads)
             finally:
                 self._silenced = False
             self.paths[name] = "functorch"
@@ -998,11 +1009,6 @@ def _will_execute(node) -> bool:
 def _low_precision(contrib) -> bool:
     return any(isinstance(t, torch.Tensor) and t.dtype in _LOW
                for t in (getattr(contrib, k, None) for k in ("a", "g", "x", "grads")))
-
-
-def _fallback_batch(module, grads) -> int:
-    i, g = next((i, g) for i, g in enumerate(grads) if g is not None)
-    return g.shape[output_axes(module, len(grads))[i]]
 
 
 def _any_trainable(module: nn.Module, recurse: bool) -> bool:

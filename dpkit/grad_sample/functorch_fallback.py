@@ -27,7 +27,6 @@ from torch.func import functional_call, grad, vmap
 from torch.nn.utils.rnn import PackedSequence
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from dpkit.errors import UnsupportedModuleError
 from dpkit.grad_sample.rnn import packed_gradients, unpack_input, unrolled_forward
 
 
@@ -76,33 +75,33 @@ class FunctorchFallback:
 
     def batch_size(self, module, captured, grad_outputs) -> int:
         """Number of examples of one captured use (a packed RNN input counts its sequences)."""
-        args, kwargs = captured
-        if isinstance(module, nn.RNNBase):
-            x = args[0] if args else kwargs["input"]
-            if isinstance(x, PackedSequence):
-                return int(x.batch_sizes[0])
+        packed = self.packed_input(module, captured)
+        if packed is not None:
+            return int(packed.batch_sizes[0])
         i, g = next((i, g) for i, g in enumerate(grad_outputs) if g is not None)
         return g.shape[output_axes(module, len(grad_outputs))[i]]
 
-    def per_sample_grads(self, module, captured, grad_outputs, batch_size):
-        """{param name: (B, *shape)} for the module's trainable direct parameters.
+    @staticmethod
+    def packed_input(module, captured) -> PackedSequence | None:
+        """The PackedSequence input of a recurrent layer, or None (its output data has no batch
+        axis: axis 0 counts packed time steps)."""
+        if not isinstance(module, nn.RNNBase):
+            return None
+        args, kwargs = captured
+        x = args[0] if args else kwargs["input"]
+        return x if isinstance(x, PackedSequence) else None
+
+    def per_sample_grads(self, module, captured, grad_outputs):
+        """{param name: (B, *shape)} for the module's trainable direct parameters, B being
+        :meth:`batch_size` (the engine matched it to the batch).
 
         ``grad_outputs`` lists, for each tensor leaf of the module's output (pytree order), its
         gradient or None.
-
-        Raises:
-            UnsupportedModuleError: an input whose batch axis cannot be determined.
         """
         own = dict(module.named_parameters(recurse=self.recurse))
         params = {n: p.detach() for n, p in own.items() if p.requires_grad}
         frozen = {n: p.detach() for n, p in own.items() if not p.requires_grad}
-        true_batch = self.batch_size(module, captured, grad_outputs)
-        if true_batch != batch_size:
-            raise UnsupportedModuleError(
-                f"{type(module).__name__} ({module}): the engine counted {batch_size} examples but its "
-                f"input holds {true_batch} (a PackedSequence whose output data reaches the loss); "
-                "pad the sequences (nn.utils.rnn.pad_packed_sequence / pad_sequence) and pass them "
-                "with a mask, or use only the final hidden state")
+        batch_size = self.batch_size(module, captured, grad_outputs)
         if isinstance(module, nn.RNNBase):
             return self._rnn(module, params, frozen, captured, grad_outputs)
         args, kwargs = captured
