@@ -213,14 +213,17 @@ class DPFedAvgClient(NumPyClient):
             user whatever the local procedure), so a fixed seed does not warn.
         index: the client's population index, reported by :meth:`get_properties` so that a
             server on Flower's engines (node ids are random there) can map nodes to users.
+        population: for simulated nodes, every user's ``(x, y)``: ``fit`` then trains the user the
+            server assigned (``dpkit_client`` in the config), ``data`` is unused.
     """
 
-    def __init__(self, trainer: LocalTrainer, data, *, seed=None, index=None):
+    def __init__(self, trainer: LocalTrainer, data, *, seed=None, index=None, population=None):
         if not isinstance(trainer, LocalTrainer):
             raise TypeError(f"trainer must be a dpkit LocalTrainer; got {type(trainer).__name__}")
         self.trainer, self.data = trainer, data
         self.seed = None if seed is None else _validate.positive_int("seed", seed, allow_zero=True)
         self.index = None if index is None else _validate.positive_int("index", index, allow_zero=True)
+        self.population = population
 
     def get_properties(self, config):
         """``{"dpkit_client": index}`` (the population index this client answers for), if known."""
@@ -229,11 +232,22 @@ class DPFedAvgClient(NumPyClient):
     def get_parameters(self, config):
         return [p.detach().numpy().copy() for p in self.trainer.params]
 
+    def user_data(self, config):
+        """The data this fit trains: its own, or (a simulated node, ``population`` given) the data
+        of the user the server assigned in ``config``."""
+        if self.population is None:
+            return self.data
+        k = int(config[CLIENT_KEY])
+        if not 0 <= k < len(self.population):
+            raise ValueError(f"config[{CLIENT_KEY!r}] must be a user index in [0, {len(self.population)}); got {k}")
+        return self.population[k]
+
     def fit(self, parameters, config):
         g = _seeds.generator(self.seed, _seeds.LOCAL, int(config[ROUND_KEY]), int(config[CLIENT_KEY]))
         global_params = [torch.from_numpy(np.array(a)).to(p.dtype) for a, p in zip(parameters, self.trainer.params)]
-        self.trainer.update(global_params, self.data, g)
-        return self.get_parameters(config), int(self.data[1].shape[0]), {}
+        data = self.user_data(config)
+        self.trainer.update(global_params, data, g)
+        return self.get_parameters(config), int(data[1].shape[0]), {}
 
 
 def make_client_fn(model, data, client_optimizer, *, local_epochs=1, local_batch_size=10, loss_fn=None, seed=None):

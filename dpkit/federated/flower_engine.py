@@ -8,12 +8,19 @@ give them, the ``ServerApp`` driving the strategy through Flower's ``DefaultWork
 
 User identity. On Flower's engines node ids are random 64-bit integers, while DP-FedAvg samples
 USERS 0..M−1 with probability q (McMahan et al., ICLR 2018): the cohort, the privacy account and
-the (seed, round, client) streams are keyed by the user index. The server app therefore asks every
-node once, in one batch before round 1, which user it serves (``get_properties`` →
-``dpkit_client``, the node's ``partition-id``) and maps proxies to users through that table. A
-node that does not answer is never sampled-and-served: its user, when sampled, is a drop-out
-(costs no privacy: a user contributing nothing is within the sensitivity), exactly as in the
-in-process driver. The strategy object runs in this process (the ServerApp thread of
+the (seed, round, client) streams are keyed by the user index. Two ways to tie nodes to users:
+
+* ``identity="assigned"`` (default; simulation): the virtual nodes are interchangeable compute.
+  User k is served by the node of rank k among the sorted node ids, the fit config names k
+  (``dpkit_client``) and the :func:`make_client_app` client trains user k's data. No extra
+  messages (Flower's per-message cost dominates a Ray simulation: asking 1,000 nodes took minutes
+  here).
+* ``identity="query"`` (nodes that own their data): the server asks every node once, in one
+  batch before round 1, which user it serves (``get_properties`` → ``dpkit_client``).
+
+Either way the sampling is over all M users with the accounted q; a sampled user without a node
+is a drop-out (costs no privacy: a user contributing nothing is within the sensitivity), as in
+the in-process driver. The strategy object runs in this process (the ServerApp thread of
 ``run_simulation``), so its ledger, history and model are read directly after the run.
 """
 
@@ -43,11 +50,12 @@ PARTITION_KEY = "partition-id"   # Flower's node_config key of a simulated Super
 
 def make_client_app(model, data, client_optimizer, *, local_epochs=1, local_batch_size=10, loss_fn=None,
                     seed=None) -> ClientApp:
-    """A Flower ``ClientApp`` whose node with ``partition-id`` k serves user k of ``data``.
+    """A Flower ``ClientApp`` for simulated users: a fit trains the user the server names.
 
     Each message builds a :class:`~dpkit.federated.flower.DPFedAvgClient` over a deep copy of
-    ``model`` training ``data.clients[k]`` (:class:`~dpkit.federated.client.LocalTrainer`,
-    McMahan et al. 2018, Alg. 1 ``UserUpdate``); it reports k through ``get_properties``.
+    ``model``; ``fit`` trains ``data.clients[k]`` for the user k in its config
+    (:class:`~dpkit.federated.client.LocalTrainer`, McMahan et al. 2018, Alg. 1 ``UserUpdate``);
+    ``get_properties`` reports the node's ``partition-id`` (for ``identity="query"``).
 
     Args:
         model: the work model (copied per client).
@@ -69,7 +77,7 @@ def make_client_app(model, data, client_optimizer, *, local_epochs=1, local_batc
             raise ValueError(f"partition-id must be in [0, {len(clients)}); got {k}")
         trainer = LocalTrainer(copy.deepcopy(model), client_optimizer, epochs=local_epochs,
                                batch_size=local_batch_size, loss_fn=loss_fn)
-        return DPFedAvgClient(trainer, clients[k], seed=seed, index=k).to_client()
+        return DPFedAvgClient(trainer, clients[k], seed=seed, index=k, population=clients).to_client()
 
     return ClientApp(client_fn=client_fn)
 
@@ -107,17 +115,19 @@ def node_user_table(grid: Grid, node_ids, *, timeout: float | None = None) -> di
 
 
 def make_server_app(strategy: DPFedAvgStrategy, num_rounds: int, *, num_nodes: int | None = None,
-                    wait_timeout: float = 120.0, fit_workflow=None, errors: list | None = None) -> ServerApp:
+                    identity: str = "assigned", wait_timeout: float = 120.0, fit_workflow=None,
+                    errors: list | None = None) -> ServerApp:
     """A Flower ``ServerApp`` that runs ``strategy`` for ``num_rounds`` with ``DefaultWorkflow``.
 
     Before round 1 it waits (up to ``wait_timeout`` s) for ``num_nodes`` nodes (default: the
-    strategy's population M), builds the node → user table (:func:`node_user_table`) and sets
-    ``strategy.client_index`` to read it.
+    strategy's population M), builds the node → user table (``identity="assigned"``: rank of the
+    node id; ``"query"``: :func:`node_user_table`) and sets ``strategy.client_index`` to read it.
 
     Args:
         strategy: a :class:`~dpkit.federated.flower.DPFedAvgStrategy`.
         num_rounds: rounds ≥ 1.
         num_nodes: nodes to wait for.
+        identity: ``"assigned"`` or ``"query"`` (module docstring).
         wait_timeout: seconds to wait for the nodes to register.
         fit_workflow: Flower fit workflow (default Flower's plain one).
         errors: a list that receives the exception raised inside the app (Flower's simulation
@@ -131,12 +141,17 @@ def make_server_app(strategy: DPFedAvgStrategy, num_rounds: int, *, num_nodes: i
     num_rounds = _validate.positive_int("num_rounds", num_rounds)
     expected = strategy.dpfedavg.num_clients if num_nodes is None else _validate.positive_int("num_nodes", num_nodes)
     wait_timeout = _validate.positive("wait_timeout", wait_timeout)
+    identity = _validate.one_of("identity", identity, ("assigned", "query"))
     app = ServerApp()
 
     @app.main()
     def _main(grid: Grid, context: Context) -> None:
         try:
-            table = node_user_table(grid, _wait_for_nodes(grid, expected, wait_timeout))
+            nodes = _wait_for_nodes(grid, expected, wait_timeout)
+            if identity == "query":
+                table = node_user_table(grid, nodes)
+            else:
+                table = {nid: k for k, nid in enumerate(nodes[:strategy.dpfedavg.num_clients])}
             strategy.client_index = lambda proxy: table.get(proxy.node_id)
             legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=num_rounds), strategy=strategy)
             DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
@@ -149,7 +164,7 @@ def make_server_app(strategy: DPFedAvgStrategy, num_rounds: int, *, num_nodes: i
 
 
 def run_ray_simulation(strategy: DPFedAvgStrategy, client_app: ClientApp, num_rounds: int, *,
-                       num_nodes: int | None = None, client_resources: dict | None = None,
+                       num_nodes: int | None = None, identity: str = "assigned", client_resources: dict | None = None,
                        ray_init_args: dict | None = None, fit_workflow=None, verbose: bool = False) -> list[dict]:
     """Run ``strategy`` on Flower's simulation engine (Ray backend) with ``num_nodes`` virtual clients.
 
@@ -157,7 +172,8 @@ def run_ray_simulation(strategy: DPFedAvgStrategy, client_app: ClientApp, num_ro
         strategy: a :class:`~dpkit.federated.flower.DPFedAvgStrategy` (its population M users).
         client_app: e.g. :func:`make_client_app`.
         num_rounds: rounds ≥ 1.
-        num_nodes: virtual SuperNodes (default M; node with partition-id k serves user k).
+        num_nodes: virtual SuperNodes (default M).
+        identity: how nodes map to users, ``"assigned"`` (default) or ``"query"`` (module docstring).
         client_resources: Ray resources per ClientApp actor (default ``{"num_cpus": 1,
             "num_gpus": 0.0}``); the number of concurrent clients is the CPUs Ray has / num_cpus.
         ray_init_args: arguments of ``ray.init`` (e.g. ``{"num_cpus": 2}``).
@@ -184,7 +200,8 @@ def run_ray_simulation(strategy: DPFedAvgStrategy, client_app: ClientApp, num_ro
         raise TypeError(f"ray_init_args must be a dict or None; got {type(ray_init_args).__name__}")
     errors: list = []
     start_round = strategy.dpfedavg.round
-    app = make_server_app(strategy, num_rounds, num_nodes=num_nodes, fit_workflow=fit_workflow, errors=errors)
+    app = make_server_app(strategy, num_rounds, num_nodes=num_nodes, identity=identity, fit_workflow=fit_workflow,
+                          errors=errors)
     run_simulation(server_app=app, client_app=client_app, num_supernodes=num_nodes,
                    backend_config={"client_resources": resources, "init_args": dict(ray_init_args or {})},
                    verbose_logging=verbose)

@@ -109,7 +109,7 @@ class SecureDPFedAvgClient(DPFedAvgClient):
                 raise ValueError(f"fit config must contain {key!r}: use SecureDPFedAvgStrategy with this client")
         g = _seeds.generator(self.seed, _seeds.LOCAL, int(config[ROUND_KEY]), int(config[CLIENT_KEY]))
         global_params = [torch.from_numpy(np.array(a)).to(p.dtype) for a, p in zip(parameters, self.trainer.params)]
-        delta = [d.double().numpy() for d in self.trainer.update(global_params, self.data, g)]
+        delta = [d.double().numpy() for d in self.trainer.update(global_params, self.user_data(config), g)]
         clip, share, step = float(config[CLIP_KEY]), float(config[SHARE_KEY]), float(config[STEP_KEY])
         norm = math.sqrt(sum(float(np.square(d).sum()) for d in delta))
         factor = min(1.0, clip / norm) if norm > 0 else 1.0
@@ -129,17 +129,14 @@ def make_secure_client_app(model, data, client_optimizer, *, min_cohort, local_e
     """
     import copy
 
-    from dpkit.federated.flower_engine import PARTITION_KEY
-
     LocalTrainer(copy.deepcopy(model), client_optimizer, epochs=local_epochs, batch_size=local_batch_size,
                  loss_fn=loss_fn)
     clients = data.clients
 
     def client_fn(context):
-        k = int(context.node_config[PARTITION_KEY])
         trainer = LocalTrainer(copy.deepcopy(model), client_optimizer, epochs=local_epochs,
                                batch_size=local_batch_size, loss_fn=loss_fn)
-        return SecureDPFedAvgClient(trainer, clients[k], seed=seed, index=k).to_client()
+        return SecureDPFedAvgClient(trainer, None, seed=seed, population=clients).to_client()
 
     return ClientApp(client_fn=client_fn, mods=[min_cohort_mod(min_cohort), secaggplus_mod])
 
