@@ -45,3 +45,13 @@ class AmbiguousStepError(DPKitError, RuntimeError):
 class SeededRandomnessWarning(UserWarning):
     """A fixed seed drives privacy-relevant randomness (noise, sampling): anyone who knows the seed
     can remove the noise. Use it for tests and reproducibility studies only."""
+
+
+# the label every ε printed under a reference calibration carries
+CLAIM_LABEL = "claimed by the reference code"
+
+
+class UnverifiedPrivacyClaimWarning(UserWarning):
+    """A noise level was calibrated with a published reference code's unverified privacy bound; the
+    ε it states is the reference's claim, not an account dpkit can prove (issue 18: dpkit's audits
+    contradict both DiceSGD's and private ADMM's reference calibrations)."""

@@ -93,11 +93,15 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
             and their DP-SGD noise is applied lazily with the same distribution and the same ε
             (LazyDP, Lim et al., ASPLOS 2024; needs ``torch.optim.SGD``, momentum allowed). See
             :class:`DPOptimizer`.
-        error_feedback: ``None`` (default) or ``{"clip2": C2, "noise_split": f (optional)}``:
-            DiceSGD error feedback (Zhang et al., ICLR 2024) with error threshold C2 (mean units),
-            accounted by :func:`dpkit.optim.error_feedback.dicesgd_event`; with a target ε, σ is
-            re-calibrated for it. Poisson sampling, i.i.d. Gaussian noise, not distributed. See
-            :mod:`dpkit.optim.error_feedback`.
+        error_feedback: ``None`` (default) or ``{"clip2": C2, "noise_split": f (optional),
+            "calibration": "dpkit" | "reference" (optional)}``: DiceSGD error feedback (Zhang et
+            al., ICLR 2024) with error threshold C2 (mean units), accounted by
+            :func:`dpkit.optim.error_feedback.dicesgd_event`; with a target ε, σ is re-calibrated
+            for it. ``"reference"`` reproduces the authors' code's calibration (needs a target ε;
+            warns: its claim is unverified and dpkit's audits contradict it) while
+            ``optimizer.epsilon`` stays dpkit's account. The attached feedback is
+            ``optimizer.error_feedback``. Poisson sampling, i.i.d. Gaussian noise, not distributed.
+            See :mod:`dpkit.optim.error_feedback`.
 
         batch_first: ``None`` (default): dpkit proves each layer's batch axis from the batch it
             yielded and refuses a step where it cannot (e.g. a (B, T, d) tensor with B == T before
@@ -208,8 +212,8 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
     if error_feedback is not None:
         from dpkit.optim.error_feedback import configure_error_feedback
 
-        configure_error_feedback(dp_optimizer, error_feedback, sampling_prob=q,
-                                 poisson_sampling=poisson_sampling)
+        dp_optimizer.error_feedback = configure_error_feedback(dp_optimizer, error_feedback, sampling_prob=q,
+                                                               poisson_sampling=poisson_sampling)
 
     dp_loader = None
     if data_loader is not None:

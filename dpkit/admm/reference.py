@@ -27,16 +27,13 @@ import warnings
 from dataclasses import dataclass
 
 from dpkit import _validate as v
+from dpkit.errors import CLAIM_LABEL, UnverifiedPrivacyClaimWarning
 
 __all__ = ["CLAIM_LABEL", "ADMMReferenceCalibration", "ReferenceCalibrationWarning",
            "reference_admm_calibration", "reference_scale_noise", "reference_zcdp_rho"]
 
-CLAIM_LABEL = "claimed by the reference code"
-
-
-class ReferenceCalibrationWarning(UserWarning):
-    """A noise level was calibrated with a published reference code's unverified privacy bound."""
-
+# one warning class and label for every reference calibration (dpkit.errors)
+ReferenceCalibrationWarning = UnverifiedPrivacyClaimWarning
 
 def reference_zcdp_rho(epsilon, delta) -> float:
     """The ρ with ``ρ + 2·sqrt(ρ·log(1/δ)) = ε`` (the reference's ``eps_delta_to_zcdp``, closed form).

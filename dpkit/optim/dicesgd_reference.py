@@ -31,18 +31,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from dpkit import _validate as V
+from dpkit.errors import CLAIM_LABEL, UnverifiedPrivacyClaimWarning
 from dpkit.accountants.calibration import calibrate_noise_multiplier
 
 __all__ = ["CLAIM_LABEL", "DiceSGDReferenceCalibration", "ReferenceCalibrationWarning",
            "reference_dicesgd_calibration", "reference_error_ratio", "reference_error_update",
            "simulate_canary_sums"]
 
-CLAIM_LABEL = "claimed by the reference code"
-
-
-class ReferenceCalibrationWarning(UserWarning):
-    """A noise level was calibrated with a published reference code's unverified privacy bound."""
-
+# one warning class and label for every reference calibration (dpkit.errors)
+ReferenceCalibrationWarning = UnverifiedPrivacyClaimWarning
 
 def reference_error_ratio(clip1, clip2, expected_batch_size) -> float:
     """The reference code's ``error_max_grad_norm`` r for dpkit's mean-unit threshold C2: ``B̄·C2/C1``.
