@@ -115,7 +115,9 @@ def main(argv=None):
            "noise_multiplier": args.noise_multiplier, "delta": delta,
            "epsilon": strategy.epsilon(delta), "accounting": strategy.dpfedavg.accountant.name
            if correlated is None else strategy.dpfedavg.accountant.method,
-           "accuracy": accuracy, "seconds": seconds}
+           "accuracy": accuracy, "seconds": seconds,
+           # simulation diagnostics (a deployment must not release them): clients aggregated per round
+           "reporting_clients": [h["nonprivate"]["reporting_clients"] for h in history]}
     if not args.json:
         print(f"{args.mechanism} on Flower/Ray, {args.clients} clients, {len(history)} rounds: "
               f"user-level ε = {out['epsilon']:.3g} at δ = {delta:g}, accuracy {accuracy:.3f}, {seconds:.0f} s")
