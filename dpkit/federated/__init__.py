@@ -13,7 +13,9 @@
 * :class:`FederatedSimulation` — clients trained in process, progress bar, JSON-lines log, canary
   clients (:class:`Canaries`, Andrew et al., ICLR 2024) for a one-shot ε̂.
 * Data: :func:`dirichlet_partition`, :func:`digits_clients`, :func:`synthetic_clients`.
-* Flower: ``dpkit.federated.flower`` (optional; ``pip install dpkit[flower]``), never imported here.
+* Flower (optional; ``pip install dpkit[flower]``), never imported here: ``dpkit.federated.flower``
+  (strategy, client, in-process driver), ``dpkit.federated.flower_engine`` (ServerApp/ClientApp on
+  Flower's Ray simulation engine), ``dpkit.federated.secure`` (SecAgg+ with distributed noise).
 """
 
 from dpkit._lazy import lazy_exports

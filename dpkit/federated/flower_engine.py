@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Callable
 
 try:
     from flwr.app import Context, Message
