@@ -8,8 +8,9 @@ Every form answers three questions for a batch of B examples:
 
 Forms: :class:`LinearWeightGrad` (book-keeping pair (a, g), ghost norm or instantiated per input
 shape), :class:`ConvWeightGrad` (convolutions through their own backward kernel),
-:class:`EmbeddingRowGrad` (sparse rows, exact norms through per-example row aggregation) and
-:class:`ExplicitGrad` (already instantiated).
+:class:`EmbeddingRowGrad` (sparse rows, exact norms through per-example row aggregation),
+:class:`TiedGrad` (an embedding table also used as a linear layer's weight: both forms kept, the
+cross term of the norm from T×T matrices) and :class:`ExplicitGrad` (already instantiated).
 """
 
 from __future__ import annotations
@@ -127,11 +128,12 @@ class EmbeddingRowGrad:
 
     path = "embedding_rows"
 
-    def __init__(self, example, rows, grads, batch_size, shape, positions=None):
+    def __init__(self, example, rows, grads, batch_size, shape, positions=None, gram=False):
         self.example, self.rows, self.grads = example, rows, grads
         self.batch_size, self.shape = batch_size, shape
-        # optional dense layout (ids (B, T), grads (B, T, d), padding mask) for short sequences
-        self.positions = positions
+        # optional dense layout (ids (B, T), grads (B, T, d), padding mask); ``gram``: norms by
+        # T×T Gram matrices (short sequences), else by sparse row aggregation
+        self.positions, self.gram = positions, gram and positions is not None
 
     def _norm_sq_gram(self):
         """Σ_{t,t'} [id_t = id_t'] ⟨g_t, g_t'⟩ per example with T×T Gram matrices (short sequences)."""
@@ -142,7 +144,7 @@ class EmbeddingRowGrad:
         return (torch.bmm(g, g.transpose(1, 2)) * same).sum(dim=(1, 2))
 
     def norm_sq(self):
-        if self.positions is not None:
+        if self.gram:
             return self._norm_sq_gram()
         num_rows = self.shape[0]
         key = self.example * num_rows + self.rows
@@ -187,19 +189,71 @@ class EmbeddingRowGrad:
             positions = tuple(torch.cat([p.positions[i] for p in parts], dim=1) for i in range(3))
         return EmbeddingRowGrad(torch.cat([p.example for p in parts]), torch.cat([p.rows for p in parts]),
                                 torch.cat([p.grads for p in parts]), parts[0].batch_size, parts[0].shape,
-                                positions)
+                                positions, all(p.gram for p in parts))
 
 
 def _expand(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return mask.view(-1, *([1] * (like.dim() - 1)))
 
 
+class TiedGrad:
+    """An embedding table (V, d) that is also a linear layer's weight (an LM head tied to the token
+    embedding): G_i = L_i + E_i, L_i = Σ_t g_tᵀ a_t from the linear uses (book-keeping pair, g of
+    size V, a of size d) and E_i = Σ_s e_{id_s} ḡ_sᵀ from the lookups (ḡ_s the embedding output's
+    gradient).
+
+    ‖G_i‖² = ‖L_i‖² + ‖E_i‖² + 2⟨L_i, E_i⟩, each part as its own form computes it, and the cross
+    term ⟨L_i, E_i⟩ = Σ_s ⟨L_i[id_s], ḡ_s⟩ = Σ_{t,s} g_t[id_s] ⟨a_t, ḡ_s⟩: a T×S matrix product and
+    a gather of the linear output gradient at the looked-up ids — the embedding read as a linear
+    layer with one-hot activations, without forming them (Bu et al., ICML 2023, Sec. 3: a shared
+    parameter's norm keeps the cross terms between its uses). Memory O(B·T·S), never the
+    (B, V, d) per-example gradients; the clipped sum is the sum of both forms' clipped sums.
+    """
+
+    def __init__(self, linear: LinearWeightGrad, embedding: EmbeddingRowGrad):
+        self.linear, self.embedding = linear, embedding
+        self.path = f"tied_{linear.path}"
+
+    @staticmethod
+    def fits(linear: LinearWeightGrad, embedding: EmbeddingRowGrad) -> bool:
+        """Both describe one (V, d) weight: one block, g of size V, a of size d, dense lookups."""
+        V, d = embedding.shape
+        return (embedding.positions is not None and tuple(linear.weight_shape) == (V, d)
+                and linear.a.shape[1] == 1 and linear.g.shape[3] == V and linear.a.shape[3] == d)
+
+    def _cross(self):
+        ids, e, keep = self.embedding.positions  # (B, S), (B, S, d), (B, S)
+        dt = torch.promote_types(_norm_dtype(e), _norm_dtype(self.linear.a))
+        e = (e * keep.unsqueeze(-1)).to(dt)
+        if self.linear.ghost:
+            a, g = self.linear.a[:, 0].to(dt), self.linear.g[:, 0]  # (B, T, d), (B, T, V)
+            at_ids = g.gather(2, ids.unsqueeze(1).expand(-1, g.shape[1], -1)).to(dt)  # g_t[id_s]
+            return (torch.bmm(a, e.transpose(1, 2)) * at_ids).sum(dim=(1, 2))
+        explicit = self.linear.instantiate()  # (B, V, d), already formed by the linear part's norm
+        rows = explicit.gather(1, ids.unsqueeze(-1).expand(-1, -1, explicit.shape[2])).to(dt)
+        return (rows * e).sum(dim=(1, 2))
+
+    def norm_sq(self):
+        return self.linear.norm_sq() + self.embedding.norm_sq() + 2 * self._cross()
+
+    def clipped_sum(self, c):
+        return self.linear.clipped_sum(c) + self.embedding.clipped_sum(c)
+
+    def instantiate(self):
+        return self.linear.instantiate() + self.embedding.instantiate()
+
+    def zero_examples(self, bad):
+        self.linear.zero_examples(bad)
+        self.embedding.zero_examples(bad)
+
+
 def combine(parts: list) -> object:
     """One contribution for a parameter reached through several uses.
 
     Uses of the same kind merge exactly (concatenated book-keeping pairs or row triples, so the
-    cross terms of the norm are kept); uses of different kinds (e.g. an embedding tied to the output
-    layer) are instantiated and summed — exact, at the cost of a (B, *shape) tensor.
+    cross terms of the norm are kept); an embedding tied to linear layers becomes a
+    :class:`TiedGrad` (exact cross terms, no (B, V, d) tensor); other mixes are instantiated and
+    summed — exact, at the cost of a (B, *shape) tensor.
     """
     if len(parts) == 1:
         return parts[0]
@@ -207,6 +261,11 @@ def combine(parts: list) -> object:
         return LinearWeightGrad.concat(parts)
     if all(isinstance(p, EmbeddingRowGrad) for p in parts):
         return EmbeddingRowGrad.concat(parts)
+    if all(isinstance(p, (LinearWeightGrad, EmbeddingRowGrad)) for p in parts):
+        linear = LinearWeightGrad.concat([p for p in parts if isinstance(p, LinearWeightGrad)])
+        embedding = EmbeddingRowGrad.concat([p for p in parts if isinstance(p, EmbeddingRowGrad)])
+        if TiedGrad.fits(linear, embedding):
+            return TiedGrad(linear, embedding)
     total = parts[0].instantiate()
     for p in parts[1:]:
         total = total + p.instantiate()

@@ -229,6 +229,7 @@ class GradientEngine:
                  loss_reduction: str = "mean", stability: float = 0.01, track_unclipped: bool = False):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+        _refuse_attached(model)
         self.max_grad_norm = _validate.positive("max_grad_norm", max_grad_norm)
         self.mode = _validate.one_of("clipping", mode, ENGINES)
         self.clip_scope = _validate.one_of("clip_scope", clip_scope, CLIP_SCOPES)
@@ -393,9 +394,15 @@ class GradientEngine:
 
     # ------------------------------------------------------------------ hooks
     def attach(self) -> None:
-        """Install the hooks (done at construction)."""
+        """Install the hooks (done at construction).
+
+        Raises:
+            RuntimeError: another engine's hooks are attached to the model.
+        """
         if self._handles:
             return
+        _refuse_attached(self.model)
+        _ATTACHED[self.model] = weakref.ref(self)
         for name, module, rule in self._owners:
             if isinstance(rule, AttentionInProjectionRule):
                 fn = make_bk_attention_forward(module, self._attention_capture(module))
@@ -542,6 +549,8 @@ class GradientEngine:
 
     def detach(self) -> None:
         """Remove the hooks; the model behaves as a plain module again."""
+        if self._handles and _ATTACHED.get(self.model, lambda: None)() is self:
+            del _ATTACHED[self.model]
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -854,9 +863,10 @@ class GradientEngine:
             if view.bias_grad is not None:
                 yield module.bias, ExplicitGrad(view.bias_grad)
         elif isinstance(rule, (EmbeddingRule, EmbeddingBagRule)):
-            example, rows, vecs, dense = rule.rows(module, captured, g)
-            self.paths[name] = "embedding_gram" if dense is not None else "embedding_rows"
-            yield module.weight, EmbeddingRowGrad(example, rows, vecs, g.shape[0], module.weight.shape, dense)
+            example, rows, vecs, dense, gram = rule.rows(module, captured, g)
+            self.paths[name] = "embedding_gram" if gram else "embedding_rows"
+            yield module.weight, EmbeddingRowGrad(example, rows, vecs, g.shape[0], module.weight.shape,
+                                                  dense, gram)
         else:
             self.paths[name] = "per_sample"
             params = dict(module.named_parameters(recurse=False))
@@ -980,6 +990,24 @@ class GradientEngine:
             autograd.clear()
             engine.clear()
             self._loose.clear()
+
+
+# model -> weakref to the engine whose hooks are attached to it (keyed by the very object: a
+# copy.deepcopy of the model is a different key and carries no hooks, see _EngineForward)
+_ATTACHED: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
+
+
+def _refuse_attached(model: nn.Module) -> None:
+    """Two engines on one model would each capture every layer and clip from their own records."""
+    ref = _ATTACHED.get(model)
+    engine = ref() if ref is not None else None
+    if engine is not None and engine._handles and engine.model is model:
+        raise RuntimeError(
+            f"model {type(model).__name__} already has the per-example hooks of another dpkit engine "
+            "(an earlier make_private or GradientEngine on this very model object); a second engine "
+            "would capture every layer again. Detach the earlier one first "
+            "(optimizer.engine.detach() on its DPOptimizer, or engine.detach()), or wrap a fresh "
+            "model (copy.deepcopy(model) gives an unhooked copy).")
 
 
 def _clipped_rows(contrib, factors: torch.Tensor, name: str):

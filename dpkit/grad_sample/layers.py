@@ -129,7 +129,8 @@ class EmbeddingRule(PerSampleRule):
 
     def rows(self, module, ids, grad_output):
         """Per-example row gradients as (example index, row id, gradient) triples, padding removed,
-        plus the dense (ids, grads, mask) layout when sequences are short (else None)."""
+        the dense (ids (B, T), grads (B, T, d), keep mask) layout (views of the captured tensors),
+        and whether norms should use T×T Gram matrices (short sequences)."""
         B = ids.shape[0]
         ids = ids.reshape(B, -1)
         g = grad_output.reshape(B, ids.shape[1], -1)
@@ -140,8 +141,7 @@ class EmbeddingRule(PerSampleRule):
         else:
             keep = ids != module.padding_idx
             flat = (example[keep], ids[keep], g[keep])
-        dense = (ids, g, keep) if ids.shape[1] <= self.gram_max_positions else None
-        return (*flat, dense)
+        return (*flat, (ids, g, keep), ids.shape[1] <= self.gram_max_positions)
 
 
 class EmbeddingBagRule(PerSampleRule):
@@ -177,7 +177,7 @@ class EmbeddingBagRule(PerSampleRule):
         elif module.mode != "sum":
             raise NotImplementedError("EmbeddingBag(mode='max') has no per-example rule")
         g = grad_output[bag] * scale.unsqueeze(1)
-        return bag[keep], ids[keep], g[keep], None
+        return bag[keep], ids[keep], g[keep], None, False
 
 
 class _NormRule(PerSampleRule):

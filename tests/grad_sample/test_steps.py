@@ -248,6 +248,47 @@ def test_functional_weight_use_is_refused_and_module_tying_is_exact(mode):
     _assert_matches(engine, model, expected)
 
 
+class _PaddedTiedLM(nn.Module):
+    """GPT-2-style tying through modules: the head is an nn.Linear sharing the embedding's
+    weight; padding_idx 0 appears in the ids."""
+
+    def __init__(self):
+        super().__init__()
+        self.wte = nn.Embedding(11, 6, padding_idx=0)
+        self.mix = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 11, bias=False)
+        self.head.weight = self.wte.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.mix(self.wte(ids))))
+
+
+@pytest.mark.parametrize("gram", [True, False])  # embedding norm: T×T Gram / sparse rows
+@pytest.mark.parametrize("T", [5, 7])  # head: ghost norm (2T² ≤ V·d = 66) / instantiated
+def test_tied_embedding_is_exact_without_per_example_embedding_gradients(T, gram, monkeypatch):
+    from dpkit.grad_sample.contributions import EmbeddingRowGrad
+    from dpkit.grad_sample.layers import EmbeddingRule
+
+    if not gram:
+        monkeypatch.setattr(EmbeddingRule, "gram_max_positions", 0)
+
+    torch.manual_seed(23)
+    ids = torch.randint(0, 11, (4, T))
+    ids[0, :2] = 0
+    loss = lambda m, i: m(i[0]).logsumexp(-1).sum()  # noqa: E731
+    model = _PaddedTiedLM()
+    expected = clipped_sum(per_example_grads(model, (ids,), loss), 0.1)
+
+    def no_instantiation(self):
+        raise AssertionError("the tied embedding's (B, V, d) per-example gradients were formed")
+
+    monkeypatch.setattr(EmbeddingRowGrad, "instantiate", no_instantiation)
+    engine = GradientEngine(model, max_grad_norm=0.1, loss_reduction="sum")
+    loss(model, (ids,)).backward()
+    assert engine.accumulate() == 4
+    _assert_matches(engine, model, expected)
+
+
 class _QKVAttention(nn.Module):
     """q/k/v projections into scaled dot-product attention: the key bias's true gradient is 0
     (softmax is invariant to it), so float32 leaves only rounding noise there."""
@@ -549,3 +590,24 @@ def test_input_gradients_for_adversarial_examples_do_not_count(mode):
     engine.accumulate()
     assert engine.examples_seen == 5
     _assert_matches(engine, model, expected)
+
+
+# ------------------------------------------------------------------- one engine per model
+def test_a_model_hooked_by_an_attached_engine_is_refused_copies_and_detached_models_are_not():
+    torch.manual_seed(22)
+    model = _mlp()
+    first = GradientEngine(model, max_grad_norm=0.1, loss_reduction="sum")
+    with pytest.raises(RuntimeError, match=r"already has the per-example hooks.*optimizer\.engine\.detach\(\)"):
+        GradientEngine(model, max_grad_norm=0.1)
+    copy_engine = GradientEngine(copy.deepcopy(model), max_grad_norm=0.1)  # a copy is unhooked
+    copy_engine.detach()
+    first.detach()
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    ce = lambda m, i: F.cross_entropy(m(i[0]), i[1], reduction="sum")  # noqa: E731
+    expected = clipped_sum(per_example_grads(model, (x, y), ce), 0.1)
+    second = GradientEngine(model, max_grad_norm=0.1, loss_reduction="sum")  # after detach(): fine
+    with pytest.raises(RuntimeError, match="already has the per-example hooks"):
+        first.attach()  # re-attaching the first would hook the model twice
+    ce(model, (x, y)).backward()
+    assert second.accumulate() == 5
+    _assert_matches(second, model, expected)
