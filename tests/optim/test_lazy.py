@@ -312,19 +312,23 @@ def test_momentum_untouched_row_joint_variance_and_rejects_momentum_free_varianc
     assert _chi2_pvalue(w, naive) < 1e-6
 
 
-def test_stream_source_resumes_without_replaying_and_streams_are_independent():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
+def test_stream_source_resumes_without_replaying_and_streams_are_independent(device):
     history = StepHistory()
     for _ in range(3):
         history.append(0.5, 0.0)
-    rows, starts = torch.arange(2000), torch.zeros(2000, dtype=torch.long)
+    rows, starts = torch.arange(2000, device=device), torch.zeros(2000, dtype=torch.long, device=device)
     src = GaussianRowNoise(5)
     first = src.combined("t", rows, starts, 3, history, (2000, 16))
+    assert first.device == rows.device and first.dtype == torch.float64
     state = copy.deepcopy(src.state_dict())
     second = src.combined("t", rows, starts, 3, history, (2000, 16))
     resumed = GaussianRowNoise(6)  # another seed: the checkpoint's seed and stream position win
     resumed.load_state_dict(state)
     again = resumed.combined("t", rows, starts, 3, history, (2000, 16))
-    assert torch.equal(again, second)  # continues the stream ...
+    first, again = first.cpu(), again.cpu()
+    assert torch.equal(again, second.cpu())  # continues the stream ...
     r = np.corrcoef(first.ravel().numpy(), again.ravel().numpy())[0, 1]
     assert abs(r) < 4 / math.sqrt(first.numel())  # ... and never replays the draws before it
     # one aggregated draw per row: std sqrt(V) = sqrt(3 · 0.5²), standard normal after scaling
@@ -333,7 +337,7 @@ def test_stream_source_resumes_without_replaying_and_streams_are_independent():
     seg = MomentumSegment(0, 0.2, 0.1, 0.8)
     for _ in range(4):
         seg.append()
-    pair = src.combined_pair("t", rows, starts, 4, seg, (2000, 16)).permute(1, 0, 2).reshape(2, -1).numpy()
+    pair = src.combined_pair("t", rows, starts, 4, seg, (2000, 16)).permute(1, 0, 2).reshape(2, -1).cpu().numpy()
     q = seg.covariance(np.array([0]), 4)[0]
     for i in range(2):
         assert _chi2_pvalue(pair[i], q[i, i]) > 1e-3

@@ -11,6 +11,8 @@ from dpkit.mechanisms.matrix.streaming import counter_normal, dense_noise_matrix
 from dpkit.mechanisms.noise import NoiseMechanism
 
 N = 21
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                reason="no CUDA device"))]
 
 
 def _strategies():
@@ -22,9 +24,11 @@ def _stream(noise, like, steps):
     return [noise.sample(t, like) for t in range(steps)]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("strategy", _strategies(), ids=lambda s: s.name)
-def test_streamed_equals_dense_product(strategy):
-    like = [torch.zeros(3, 2, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)]
+def test_streamed_equals_dense_product(strategy, device):
+    like = [torch.zeros(3, 2, dtype=torch.float64, device=device),
+            torch.zeros(4, dtype=torch.float64, device=device)]
     noise = CorrelatedNoise(strategy, seed=11)
     out = _stream(noise, like, N)
     M = strategy.noise_operator()
@@ -34,9 +38,9 @@ def test_streamed_equals_dense_product(strategy):
         else:  # second tensor: build Z from the counters directly (index 1)
             keys = ([strategy.node_key(t, l) for t, l in strategy.nodes]
                     if strategy.kind == "tree" else range(N))
-            Z = np.stack([counter_normal(11, k, 1, ref, torch.float64).numpy() for k in keys])
+            Z = np.stack([counter_normal(11, k, 1, ref, torch.float64).cpu().numpy() for k in keys])
         dense = noise.sensitivity * (M @ Z.reshape(Z.shape[0], -1))
-        got = np.stack([o[i].reshape(-1).numpy() for o in out])
+        got = np.stack([o[i].reshape(-1).cpu().numpy() for o in out])
         np.testing.assert_allclose(got, dense, atol=1e-10)
 
 
