@@ -413,13 +413,14 @@ def test_checkpoint_resume_mid_training_equals_eager_with_momentum(tmp_path, mom
         torch.testing.assert_close(r[name], e[name], rtol=1e-12, atol=1e-12)
 
 
-def test_checkpoint_resume_with_gaussian_noise_continues_identically(tmp_path):
+@pytest.mark.parametrize("source", [lambda seed: "lazy", CounterGaussianRowNoise], ids=["stream", "philox-keyed"])
+def test_checkpoint_resume_with_gaussian_noise_continues_identically(tmp_path, source):
     batches = _batches(6)
-    full, opt_f, _ = _setup("lazy", noise=11)
+    full, opt_f, _ = _setup(source(11), noise=11)
     _train(full, opt_f, None, batches[:3])
     state = {"model": copy.deepcopy(full.state_dict()), "opt": copy.deepcopy(opt_f.state_dict())}
     _train(full, opt_f, None, batches[3:])
-    resumed, opt_r, _ = _setup("lazy", noise=12)  # another seed: the checkpoint's key must be used
+    resumed, opt_r, _ = _setup(source(12), noise=12)  # another seed: the checkpoint's key must be used
     resumed.load_state_dict(state["model"])
     opt_r.load_state_dict(state["opt"])
     _train(resumed, opt_r, None, batches[3:])
