@@ -129,6 +129,8 @@ def make_secure_client_app(model, data, client_optimizer, *, min_cohort, local_e
     """
     import copy
 
+    from dpkit.federated.flower_engine import PARTITION_KEY
+
     LocalTrainer(copy.deepcopy(model), client_optimizer, epochs=local_epochs, batch_size=local_batch_size,
                  loss_fn=loss_fn)
     clients = data.clients
@@ -136,7 +138,8 @@ def make_secure_client_app(model, data, client_optimizer, *, min_cohort, local_e
     def client_fn(context):
         trainer = LocalTrainer(copy.deepcopy(model), client_optimizer, epochs=local_epochs,
                                batch_size=local_batch_size, loss_fn=loss_fn)
-        return SecureDPFedAvgClient(trainer, None, seed=seed, population=clients).to_client()
+        k = int(context.node_config[PARTITION_KEY])   # reported by get_properties (identity="query")
+        return SecureDPFedAvgClient(trainer, clients[k], seed=seed, index=k, population=clients).to_client()
 
     return ClientApp(client_fn=client_fn, mods=[min_cohort_mod(min_cohort), secaggplus_mod])
 

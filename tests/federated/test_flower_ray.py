@@ -73,3 +73,22 @@ def test_run_ray_simulation_argument_errors():
         run_ray_simulation(strategy, app, 1, client_resources=[1])
     with pytest.raises(ValueError, match="num_rounds"):
         run_ray_simulation(strategy, app, 0)
+
+
+@pytest.mark.slow
+def test_secagg_on_ray_with_queried_identities():
+    """SecAgg+ with distributed noise on Ray, nodes mapped to users by get_properties: every round
+    aggregates the whole cohort (q = 1, no drop-outs) and is accounted once."""
+    from dpkit.accountants import dpsgd_event
+    from dpkit.federated.secure import SecureDPFedAvgStrategy, make_secure_client_app
+
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    data = tiny_data(num_clients=6, seed=2)
+    model = torch.nn.Linear(5, 3)
+    strategy = SecureDPFedAvgStrategy([p.detach().numpy().copy() for p in model.parameters()], num_clients=6,
+                                      sampling_rate=1.0, noise_multiplier=1.0, clip_norm=0.5, min_cohort=3)
+    app = make_secure_client_app(model, data, _sgd, min_cohort=3, local_batch_size=2)
+    run_ray_simulation(strategy, app, 2, identity="query", fit_workflow=strategy.fit_workflow(),
+                       client_resources={"num_cpus": 1}, ray_init_args={"num_cpus": 2, "include_dashboard": False})
+    assert [h["nonprivate"]["reporting_clients"] for h in strategy.history] == [6, 6]
+    assert strategy.dpfedavg.accountant.ledger == [(dpsgd_event(1.0, 1.0), 2)]
