@@ -1,6 +1,7 @@
 """Flower's simulation engine (Ray backend): the same ledger, cohorts and model as dpkit's simulator.
 
-One Ray start-up per session (about 10 s): the run below is shared by the assertions.
+Two Ray runs (about 20 s each here): plain DP (BandMF rounds) compared with the simulator, and
+SecAgg+ with distributed noise, nodes mapped to users by get_properties.
 """
 
 import copy
@@ -75,7 +76,6 @@ def test_run_ray_simulation_argument_errors():
         run_ray_simulation(strategy, app, 0)
 
 
-@pytest.mark.slow
 def test_secagg_on_ray_with_queried_identities():
     """SecAgg+ with distributed noise on Ray, nodes mapped to users by get_properties: every round
     aggregates the whole cohort (q = 1, no drop-outs) and is accounted once."""
