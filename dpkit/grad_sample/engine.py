@@ -57,6 +57,13 @@ agreement — the first use whose layer fixes its batch axis, else axis 0 of the
   T == n this looks exactly like a time-major tensor with one time step: refused unless declared
   (``set_batch_axis(0, name)``) or proven by an earlier batch.
 
+A tensor a module builds from a parameter and broadcasts over the batch INSIDE its forward (T5's
+relative position bias, looked up with (q, k) ids) gives that parameter only the sum of the
+examples' gradients; a module class registered with
+:func:`dpkit.grad_sample.registry.register_per_example_inputs` gets a per-example copy of it
+while a step is recorded (the ``transformers`` integration does it for T5). Other such layers are
+refused: no axis of their tensors holds the batch.
+
 Without a declaration a time-major model whose layers all see (T, B, d) cannot be told from a
 batch-first one with batch T: let dpkit's loader declare n.
 

@@ -174,6 +174,9 @@ def test_first_batch_with_as_many_examples_as_tokens_trains_exactly(name, mode):
         torch.set_default_dtype(previous)
 
 
+COST_SECTION = "## Cost"
+
+
 def write_table(path):
     """Run every case and write the exactness table (markdown) to ``path``."""
     lines = ["# Models checked for exact per-example clipping", "",
@@ -195,7 +198,8 @@ def write_table(path):
                 except Exception as e:  # noqa: BLE001 - the table reports failures as they are
                     cells.append(f"fails: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    from dpkit.integrations.transformers import CONV1D_CLASS, ELEMENTWISE_SCALE_CLASSES
+    from dpkit.integrations.transformers import (
+        BATCH_FIRST_CLASSES, CONV1D_CLASS, ELEMENTWISE_SCALE_CLASSES, T5_ATTENTION_CLASS)
 
     lines += ["", "## Native rules for layers transformers defines itself", "",
               "Registered by `dpkit.integrations.transformers` once `transformers` is imported "
@@ -205,10 +209,26 @@ def write_table(path):
               "- element-wise-scale norms (output affine in `weight`, per-example gradient "
               "Σ_positions ḡ ⊙ (y(w=1) − y(w=0))): " + ", ".join(
                   f"`{c.rsplit('.', 1)[1]}`" for c in ELEMENTWISE_SCALE_CLASSES) + ".",
+              f"- `{T5_ATTENTION_CLASS.rsplit('.', 1)[1]}` (T5 full fine-tuning): the relative position "
+              "bias, looked up with (q, k) ids and broadcast over the batch, is computed per example "
+              "(ids expanded to (B, q, k), the same values) while dpkit records a step, so the bias "
+              "table is clipped per example.",
+              "- Batch axis: models of these families keep the batch on axis 0 of every hidden state "
+              "and are registered batch-first, so a batch with as many examples as tokens (B == T) is "
+              "clipped exactly from the first step without `make_private(batch_first=True)` (tested "
+              "for GPT-2 and BERT): " + ", ".join(f"`{c.rsplit('.', 1)[1]}`" for c in BATCH_FIRST_CLASSES)
+              + ". Other families need `batch_first=True` only when such a batch comes before one "
+              "that proves the layout.",
               "", "Models with a `fails:` entry are listed in the report of the engine work they wait "
               "for; they are not in the test parametrisation until they pass."]
+    text = "\n".join(lines) + "\n"
+    if os.path.exists(path):  # the measured-cost section (benchmarks/hf.py) is kept as written
+        with open(path) as f:
+            old = f.read()
+        if COST_SECTION in old:
+            text += "\n" + old[old.index(COST_SECTION):]
     with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+        f.write(text)
 
 
 if __name__ == "__main__":
