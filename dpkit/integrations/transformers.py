@@ -36,10 +36,13 @@ is imported here; a class absent from the installed version simply never matches
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from dpkit.errors import UnsupportedModuleError
 from dpkit.grad_sample.bk_forward import register_bk_forward, store_grad
 from dpkit.grad_sample.layers import LinearView, LinearViewRule, PerSampleRule
 from dpkit.grad_sample.registry import register_batch_first, register_per_example_inputs, register_rule
@@ -108,23 +111,34 @@ def _t5_per_example_position_bias(module, args, kwargs):
     batch, is computed instead with the ids expanded to (B, q, k), giving a (B, heads, q, k) bias
     of the same values (the attention scores are (B, heads, q, k) already). Example i's gradient
     then reaches the table as row i, and the embedding rule clips it exactly. Passed to the
-    module as ``position_bias``; later layers reuse it as they reuse the module's own."""
+    module as ``position_bias``; later layers reuse it as they reuse the module's own.
+
+    Raises:
+        UnsupportedModuleError: the table trains during incremental decoding (a cache holding
+            earlier positions), which this per-example bias does not reproduce.
+    """
     table = module.relative_attention_bias if module.has_relative_attention_bias else None
-    if table is None or not table.weight.requires_grad or kwargs.get("position_bias") is not None \
-            or kwargs.get("key_value_states") is not None or len(args) > 1:
+    if table is None or not table.weight.requires_grad:
         return None
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    bound = inspect.signature(type(module).forward).bind(module, *args, **kwargs)
+    arguments = {**bound.arguments, **bound.arguments.get("kwargs", {})}
+    if arguments.get("position_bias") is not None or arguments.get("key_value_states") is not None:
+        return None  # the table is not used by this call
+    cache = arguments.get("cache", arguments.get("past_key_values"))
     if cache is not None and cache.get_seq_length(module.layer_idx) != 0:
-        return None  # incremental decoding (the module's own bias), not a training step
-    hidden = args[0] if args else kwargs["hidden_states"]
+        raise UnsupportedModuleError(
+            f"{type(module).__name__}: its relative_attention_bias trains during incremental decoding "
+            "(a cache holding earlier positions); dpkit clips it per example only for a full forward "
+            "pass. Decode under torch.no_grad(), or freeze relative_attention_bias.")
+    hidden = arguments["hidden_states"]
     B, T = hidden.shape[0], hidden.shape[1]
     position = torch.arange(T, dtype=torch.long, device=hidden.device)
     buckets = module._relative_position_bucket(
         position[None, :] - position[:, None], bidirectional=not module.is_decoder,
         num_buckets=module.relative_attention_num_buckets,
         max_distance=module.relative_attention_max_distance)
-    bias = table(buckets.expand(B, T, T)).permute(0, 3, 1, 2)  # (B, heads, q, k)
-    return args, {**kwargs, "position_bias": bias}
+    bound.arguments["position_bias"] = table(buckets.expand(B, T, T)).permute(0, 3, 1, 2)  # (B, heads, q, k)
+    return bound.args[1:], bound.kwargs
 
 
 def _trainable(p) -> bool:
