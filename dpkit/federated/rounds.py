@@ -104,7 +104,7 @@ def build_round_mechanism(rounds: CorrelatedRounds, *, num_clients: int, samplin
     from dpkit.accountants.mmcc import MatrixMechanismAccountant
     from dpkit.federated import _seeds
     from dpkit.mechanisms.matrix import CorrelatedNoise, CyclicPoissonSampler, Participation
-    from dpkit.mechanisms.matrix.plan import _is_mmcc_encoder, matrix_accountant
+    from dpkit.mechanisms.matrix.plan import is_mmcc_encoder, matrix_accountant
 
     if not noise_multiplier > 0:
         raise ValueError(f"noise_multiplier must be > 0 with correlated rounds; got {noise_multiplier!r}")
@@ -134,7 +134,7 @@ def build_round_mechanism(rounds: CorrelatedRounds, *, num_clients: int, samplin
                              f"sensitivity={noise.sensitivity}) for {strategy!r} with cyclic participation (no "
                              "amplification applies; the sensitivity is that of rounds j, j+b, ...)")
         return noise, sampler, accountant
-    if C.shape[0] == C.shape[1] and _is_mmcc_encoder(C):
+    if C.shape[0] == C.shape[1] and is_mmcc_encoder(C):
         noise = CorrelatedNoise(strategy, seed=noise_seed)
     else:
         noise = CorrelatedNoise(strategy, participation=Participation.min_separation(1, n), seed=noise_seed)

@@ -29,7 +29,7 @@ from dpkit.accountants.mmcc import MatrixMechanismAccountant, _check_encoder
 from dpkit.mechanisms.matrix.participation import CyclicPoissonSampler
 from dpkit.mechanisms.matrix.sensitivity import Participation, sensitivity
 
-__all__ = ["matrix_accountant"]
+__all__ = ["is_mmcc_encoder", "matrix_accountant"]
 
 
 def matrix_accountant(noise, accountant, *, noise_multiplier: float, sampling_prob: float,
@@ -61,7 +61,7 @@ def matrix_accountant(noise, accountant, *, noise_multiplier: float, sampling_pr
         _check_banded(strategy, sampler)
         return MatrixMechanismAccountant(C, noise_multiplier=noise_multiplier, sampling_prob=sampling_prob,
                                          sensitivity=sens, method="banded", bands=sampler.num_groups)
-    if C.shape[0] == C.shape[1] and _is_mmcc_encoder(C):
+    if C.shape[0] == C.shape[1] and is_mmcc_encoder(C):
         return MatrixMechanismAccountant(C, noise_multiplier=noise_multiplier, sampling_prob=sampling_prob,
                                          sensitivity=sens, method="mmcc")
     _check_covers_every_step(C, sens, strategy)
@@ -93,7 +93,8 @@ def _checked(accountant, C, sens, cyclic, sampler):
     return accountant
 
 
-def _is_mmcc_encoder(C) -> bool:
+def is_mmcc_encoder(C) -> bool:
+    """Whether MMCC can analyse ``C`` (square, lower-triangular, non-negative, finite)."""
     try:
         _check_encoder(C)
     except (TypeError, ValueError):
