@@ -174,6 +174,22 @@ def test_first_batch_with_as_many_examples_as_tokens_trains_exactly(name, mode):
         torch.set_default_dtype(previous)
 
 
+def test_t5_relative_bias_training_during_incremental_decoding_is_refused():
+    from dpkit.errors import UnsupportedModuleError
+
+    torch.manual_seed(2)
+    model, (ids, _), _ = MODELS["t5"][0]()
+    engine = GradientEngine(model, max_grad_norm=1.0)
+    try:
+        first = model(input_ids=ids, decoder_input_ids=ids[:, :3], use_cache=True)
+        with pytest.raises(UnsupportedModuleError, match="relative_attention_bias trains during incremental"):
+            model(input_ids=ids, decoder_input_ids=ids[:, 3:4], past_key_values=first.past_key_values)
+        with torch.no_grad():  # decoding without gradients records nothing and is left alone
+            model(input_ids=ids, decoder_input_ids=ids[:, 3:4], past_key_values=first.past_key_values)
+    finally:
+        engine.detach()
+
+
 COST_SECTION = "## Cost"
 
 
