@@ -85,6 +85,18 @@ class _Tied(nn.Module):
         return self.head(torch.tanh(self.wte(ids))).mean(1)
 
 
+class _PackedOutput(nn.Module):
+    """GRU over a PackedSequence whose padded outputs reach the loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.gru, self.out = nn.GRU(3, 4, batch_first=True, bidirectional=True), nn.Linear(8, 2)
+
+    def forward(self, x, lengths):
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        return self.out(nn.utils.rnn.pad_packed_sequence(self.gru(packed)[0], batch_first=True)[0].sum(1))
+
+
 class _TimeMajorMLP(nn.Module):
     def __init__(self):
         super().__init__()
@@ -139,6 +151,10 @@ CASES = {
                     lambda n: (torch.randn(n, 4),), _multi_view, False, 3),
     "broadcast_position_ids": (_Positional, lambda n: (torch.randint(0, 9, (n, 7)),), None, True, 1),
     "tied_embedding_head": (_Tied, lambda n: (torch.randint(0, 9, (n, 3)),), None, False, 1),
+    # 2T² > V·d: the head's per-example gradients are instantiated, the embedding's are not
+    "tied_embedding_head_long": (_Tied, lambda n: (torch.randint(0, 9, (n, 6)),), None, False, 1),
+    "packed_rnn_output": (_PackedOutput, lambda n: (torch.randn(n, 5, 3), torch.tensor([5, 2, 4, 1])[:n]),
+                          None, False, 1),
 }
 
 
