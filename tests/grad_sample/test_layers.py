@@ -9,13 +9,7 @@ from tests.grad_sample.reference import clipped_sum, per_example_grads
 
 
 
-@pytest.fixture(autouse=True)
-def float64_default():
-    """References are float64; restore the global default afterwards (other tests rely on it)."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_default")  # tests/conftest.py
 
 
 class Seq(nn.Module):

@@ -12,12 +12,7 @@ from dpkit.grad_sample import GradientEngine
 from tests.grad_sample.reference import clipped_sum, per_example_grads
 
 
-@pytest.fixture(autouse=True)
-def float64_default():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_default")  # tests/conftest.py
 
 
 def _engine_sum(model, inputs, loss_fn, clip, mode):

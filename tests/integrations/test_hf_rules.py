@@ -16,12 +16,7 @@ from dpkit.grad_sample import GradientEngine  # noqa: E402
 from tests.grad_sample.reference import clipped_sum, per_example_grads  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def float64_default():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_default")  # tests/conftest.py
 
 
 class Block(nn.Module):
