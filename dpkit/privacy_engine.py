@@ -82,8 +82,12 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
         sample_rate, expected_batch_size: only with ``data_loader=None``.
         noise: a custom :class:`~dpkit.mechanisms.noise.NoiseMechanism` (e.g. correlated noise);
             the accountant must then be one that accounts it.
-        secure_mode: noise from OS entropy (see :class:`~dpkit.mechanisms.noise.GaussianNoise`).
-        generator: ``torch.Generator`` for noise (and sampling, via a derived generator).
+        secure_mode: noise AND sampling coins from fresh OS entropy at every draw (see
+            :class:`~dpkit.mechanisms.noise.GaussianNoise`); not reproducible.
+        generator: a ``torch.Generator`` whose ``initial_seed()`` seeds the run's keyed noise and
+            sampling streams (reproducible runs; anyone who knows the seed can remove the noise).
+            Default: OS entropy. Either way the seeds and the sampler's position travel in
+            ``optimizer.state_dict()``, so a resumed run continues instead of replaying.
         distributed: data-parallel DP-SGD over an initialised ``torch.distributed`` group (do not
             wrap the model in DDP). ``data_loader.batch_size`` is the GLOBAL expected batch size B;
             rank r Poisson-samples the shard ``r::world_size`` at rate q = B/N, so the union of the

@@ -42,8 +42,9 @@ class DPOptimizer(torch.optim.Optimizer):
             every logical step (or None).
         noise: a :class:`dpkit.mechanisms.noise.NoiseMechanism`; default i.i.d. Gaussian from
             ``generator`` (or OS entropy with ``secure_mode``).
-        generator: ``torch.Generator`` for the default noise (reproducible runs).
-        secure_mode: draw the default noise from OS entropy (see :class:`GaussianNoise`).
+        generator: ``torch.Generator`` whose ``initial_seed()`` seeds the default noise's keyed
+            stream (reproducible runs); default OS entropy.
+        secure_mode: draw the default noise from fresh OS entropy every step (see :class:`GaussianNoise`).
         distributed: data-parallel DP-SGD over ``torch.distributed`` (do NOT also wrap the model in
             DistributedDataParallel): every rank clips its own Poisson sample, the clipped sums are
             all-reduced, and the noise — drawn identically on every rank from the same seeded
