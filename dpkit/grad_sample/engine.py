@@ -119,6 +119,7 @@ from dpkit.grad_sample.layers import (
 )
 from dpkit.grad_sample.registry import is_batch_first, per_example_inputs_hook
 from dpkit.grad_sample.rnn import check_rnn
+from dpkit.grad_sample.rnn_rule import RECURRENT_TYPES, RecurrentRule
 from dpkit.grad_sample.validation import check_model
 
 ENGINES = ("bk", "per_sample")
@@ -268,7 +269,8 @@ class GradientEngine:
             elif any(True for _ in module.parameters(recurse=False)):
                 if isinstance(module, nn.RNNBase) and any(p.requires_grad for p in module.parameters()):
                     check_rnn(name, module)
-                rule = rule_for(module) or FunctorchFallback()
+                rule = rule_for(module) or (RecurrentRule() if type(module) in RECURRENT_TYPES
+                                            else FunctorchFallback())
                 self._owners.append((name, module, rule))
         self._owner_names = {id(module): name for name, module, _ in self._owners}
         self._ancestor_axes = _transformer_axes(model, self._owners)
@@ -828,6 +830,10 @@ class GradientEngine:
 
     def _contributions(self, name, module, rule, captured, grads):
         """Yield (parameter, contribution) for each trainable direct parameter of ``module``."""
+        if isinstance(rule, RecurrentRule) and rule.supports(module, captured):
+            self.paths[name] = rule.path
+            yield from rule.contributions(module, captured, grads)
+            return
         if isinstance(rule, FunctorchFallback):
             params = dict(module.named_parameters(recurse=rule.recurse))
             self._silenced = True  # children called inside functional_call must not record
