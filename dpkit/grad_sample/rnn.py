@@ -31,11 +31,12 @@ def check_rnn(name: str, module: nn.RNNBase) -> None:
             "use dropout=0 or stack single-layer RNNs with nn.Dropout between them")
 
 
-def _cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh):
-    gi = x @ w_ih.T + (b_ih if b_ih is not None else 0)
-    gh = h @ w_hh.T + (b_hh if b_hh is not None else 0)
+def cell_step(mode: str, gi, gh, h, c):
+    """One time step from the pre-activations gi = W_ih x_t + b_ih and gh = W_hh h_{t-1} + b_hh
+    (the equations of the torch documentation of each class); for LSTM and RNN, ``gi`` is their
+    sum and ``gh`` is None."""
     if mode == "LSTM":
-        i, f, g, o = (gi + gh).chunk(4, dim=-1)
+        i, f, g, o = gi.chunk(4, dim=-1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         return torch.sigmoid(o) * torch.tanh(c), c
     if mode == "GRU":
@@ -45,7 +46,15 @@ def _cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh):
         n = torch.tanh(in_ + r * hn)
         return (1 - z) * n + z * h, c
     act = torch.tanh if mode == "RNN_TANH" else torch.relu
-    return act(gi + gh), c
+    return act(gi), c
+
+
+def _cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh):
+    gi = x @ w_ih.T + (b_ih if b_ih is not None else 0)
+    gh = h @ w_hh.T + (b_hh if b_hh is not None else 0)
+    if mode == "GRU":  # r gates only the hidden part
+        return cell_step(mode, gi, gh, h, c)
+    return cell_step(mode, gi + gh, None, h, c)
 
 
 def unpack_input(module: nn.RNNBase, x):

@@ -36,27 +36,10 @@ import torch.nn as nn
 
 from dpkit.grad_sample.contributions import ExplicitGrad, LinearWeightGrad
 from dpkit.grad_sample.functorch_fallback import FunctorchFallback
+from dpkit.grad_sample.rnn import cell_step as _step
 
 # exact types: a subclass may override forward with equations this rule does not know
 RECURRENT_TYPES = (nn.RNN, nn.LSTM, nn.GRU)
-
-
-def _step(mode: str, gi, gh, h, c):
-    """One time step from the pre-activations gi = W_ih x_t + b_ih and gh = W_hh h_{t-1} + b_hh
-    (the equations of the torch documentation of each class); for LSTM and RNN, ``gi`` is their
-    sum and ``gh`` is None."""
-    if mode == "LSTM":
-        i, f, g, o = gi.chunk(4, dim=-1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        return torch.sigmoid(o) * torch.tanh(c), c
-    if mode == "GRU":
-        ir, iz, in_ = gi.chunk(3, dim=-1)
-        hr, hz, hn = gh.chunk(3, dim=-1)
-        r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
-        n = torch.tanh(in_ + r * hn)
-        return (1 - z) * n + z * h, c
-    act = torch.tanh if mode == "RNN_TANH" else torch.relu
-    return act(gi), c
 
 
 def _bias(module, kind: str, sfx: str):
