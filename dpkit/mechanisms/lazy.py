@@ -159,6 +159,7 @@ class StepHistory:
         self._reset()
 
     def _reset(self):
+        self.decays = False  # some recorded step has η·λ > 0 (else every decay factor is 1)
         self._lr = np.zeros(16)
         self._log_decay = _DoubleDoublePrefix()   # L_t − L_base
         self._scaled_sq = _DoubleDoublePrefix()   # S_t: Σ η_u² exp(−2 (L_{u+1} − L_base))
@@ -184,6 +185,7 @@ class StepHistory:
         if k == self._lr.shape[0]:
             self._lr = np.concatenate([self._lr, np.zeros_like(self._lr)])
         self._lr[k] = lr
+        self.decays = self.decays or lr * weight_decay > 0.0
         self._log_decay.append(math.log1p(-lr * weight_decay))
         self._scaled_sq.append(lr * lr * math.exp(-2.0 * self._log_decay.last()))
 

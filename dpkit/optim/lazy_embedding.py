@@ -147,34 +147,40 @@ class LazyEmbeddingNoise:
     def _materialise(self, table: _Table, rows: torch.Tensor, stop: int, bulk: bool = False) -> None:
         """Bring ``rows`` (unique) to step ``stop``: decay since ``det``, noise since ``noised``.
 
-        Arithmetic in the table's dtype (as eager DP-SGD's); without weight decay the noise is
-        scattered in with one ``index_add_`` (no read-modify-write copy of the rows).
+        Arithmetic in the table's dtype (as eager DP-SGD's). Without weight decay in the history
+        the noise, times −s (eager's w −= η·(σC z)/B̄ enters with a minus sign), is scattered in
+        with one ``index_add_``, the markers with ``index_fill_``: per read, one draw of the
+        looked-up rows plus one scatter, the floor of any lazy scheme.
         """
-        det, noised = table.det[rows], table.noised[rows]
-        late = noised < stop  # det ≥ noised, so this catches every row behind ``stop``
-        if not bool(late.any()):
+        if rows.numel() == 0:
             return
-        rows, det, noised = rows[late], det[late].long(), noised[late].long()
+        noised = table.noised.index_select(0, rows)
+        late = noised < stop  # det ≥ noised, so this catches every row behind ``stop``
+        if not bool(late.all()):  # a training read: (nearly) every looked-up row is late
+            rows, noised = rows[late], noised[late]
+            if rows.numel() == 0:
+                return
         weight, shape = table.weight, tuple(table.weight.shape)
         if table.segment is not None:
-            self._materialise_pair(table, rows, det, noised, stop, bulk)
+            det = table.det.index_select(0, rows)
+            self._materialise_pair(table, rows, det.long(), noised.long(), stop, bulk)
         else:
-            decay = table.history.decay(det.cpu().numpy(), stop)
             noise = None
-            if self.scale > 0:  # eager: w −= η·(σC z)/B̄ each step: the pending noise enters with a minus sign
-                noise = self.row_noise.combined(table.name, rows, noised, stop, table.history, shape, bulk,
-                                                dtype=weight.dtype).mul_(-self.scale)
-            if np.all(decay == 1.0):
-                if noise is not None:
-                    weight.index_add_(0, rows, noise)
-            else:
+            if self.scale > 0:
+                noise = self.row_noise.combined(table.name, rows, noised.long(), stop, table.history, shape,
+                                                bulk, dtype=weight.dtype)
+            if table.history.decays:
+                det = table.det.index_select(0, rows)
+                decay = table.history.decay(det.cpu().numpy(), stop)
                 w = weight.index_select(0, rows)
                 w.mul_(torch.from_numpy(decay).to(w.device, w.dtype).unsqueeze(1))
                 if noise is not None:
-                    w.add_(noise)
+                    w.sub_(noise, alpha=self.scale)
                 weight.index_copy_(0, rows, w)
-        table.det[rows] = stop
-        table.noised[rows] = stop
+            elif noise is not None:
+                weight.index_add_(0, rows, noise.mul_(-self.scale))  # CPU index_add_ with alpha: ~3x slower
+        table.det.index_fill_(0, rows, stop)
+        table.noised.index_fill_(0, rows, stop)
 
     def _materialise_pair(self, table, rows, det, noised, stop, bulk):
         """Momentum: (w, m) ← A^k (w, m) + s·(joint pending noise) (see MomentumSegment)."""
@@ -247,26 +253,38 @@ class LazyEmbeddingNoise:
         t = self.steps
         for table in self.tables.values():
             lr, wd, mu = table.hyper()
-            rows, sums = engine.sparse_clipped_rows(table.weight)
             if table.segment is not None:
-                self._step_momentum(table, rows, sums, t)
+                self._step_momentum(table, *engine.sparse_clipped_rows(table.weight), t)
                 continue
             table.history.append(lr, wd)
+            if wd == 0.0:
+                # w −= η/B̄ · Σ clipped rows: index_add_ sums repeated rows itself (no unique/merge)
+                rows, sums = _clipped_rows(engine, table.weight)
+                if rows.numel():
+                    self._catch_up(table, rows, t)
+                    step = sums.to(table.weight.dtype).mul(-lr / self.expected_batch_size)
+                    table.weight.index_add_(0, rows, step)  # no alpha: CPU index_add_ with alpha is ~3x slower
+                    table.det.index_fill_(0, rows, t + 1)
+                continue
+            rows, sums = engine.sparse_clipped_rows(table.weight)  # unique rows: decay once each
             if rows.numel():
                 self._materialise(table, rows, t)
-                sums = sums.to(table.weight.dtype)
-                if wd == 0.0:
-                    table.weight.index_add_(0, rows, sums, alpha=-lr / self.expected_batch_size)
-                else:
-                    w = table.weight.index_select(0, rows)
-                    w.mul_(1.0 - lr * wd).sub_(sums, alpha=lr / self.expected_batch_size)
-                    table.weight.index_copy_(0, rows, w)
-                table.det[rows] = t + 1
+                w = table.weight.index_select(0, rows)
+                w.mul_(1.0 - lr * wd).sub_(sums.to(w.dtype), alpha=lr / self.expected_batch_size)
+                table.weight.index_copy_(0, rows, w)
+                table.det.index_fill_(0, rows, t + 1)
         self.steps = t + 1
         for table in self.tables.values():
             if table.segment is None and table.history.needs_rebase():
                 self._flush_table(table)
                 table.history.rebase()
+
+    def _catch_up(self, table: _Table, rows: torch.Tensor, t: int) -> None:
+        """Materialise rows (may repeat) that received a gradient without being brought to step
+        ``t`` by the pre-hook (one comparison when, as usual, the hook did it)."""
+        late = table.noised.index_select(0, rows) < t
+        if bool(late.any()):
+            self._materialise(table, torch.unique(rows[late]), t)
 
     def _step_momentum(self, table: _Table, rows, sums, t: int) -> None:
         """torch SGD with momentum (dampening 0) on the touched rows; a change of (η, λ, μ) first
@@ -284,7 +302,7 @@ class LazyEmbeddingNoise:
             w.sub_(m, alpha=lr)
             table.weight.index_copy_(0, rows, w)
             table.momentum.index_copy_(0, rows, m)
-            table.det[rows] = t + 1
+            table.det.index_fill_(0, rows, t + 1)
 
     # ------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
@@ -315,6 +333,18 @@ class LazyEmbeddingNoise:
                     raise ValueError(f"checkpoint has no lazy momentum buffer for {table.name!r}")
                 table.momentum.copy_(buffers[table.name])
                 table.new_segment(self.steps)
+
+
+def _clipped_rows(engine, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The engine's clipped row sums of a lazy table as (rows, (n, d) vectors), rows may repeat:
+    its parts concatenated, without the sort and merge of ``sparse_clipped_rows``."""
+    parts = engine.sparse_sums.get(id(weight), [])
+    if len(parts) == 1:
+        return parts[0]
+    if not parts:
+        return (torch.zeros(0, dtype=torch.long, device=weight.device),
+                torch.zeros(0, weight.shape[1], dtype=weight.dtype, device=weight.device))
+    return torch.cat([r for r, _ in parts]), torch.cat([v for _, v in parts])
 
 
 class _ReleaseGuard:
