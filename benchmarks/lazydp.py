@@ -1,31 +1,41 @@
 """LazyDP benchmark: step time of non-private SGD, dpkit lazy DP-SGD and dpkit eager DP-SGD,
-measured side by side in ONE process with interleaved rounds; ratios printed as a table and JSON.
+measured side by side in ONE process with interleaved rounds; ratios printed as a table and JSON,
+followed by a breakdown of the lazy step and of its floor.
 
 Workload (issue 17): a DLRM-style model — ``EmbeddingBag`` (sum) of ``--rows`` × 64 over
-512 bags × 8 ids = 4,096 lookups per step, then a small MLP — trained with SGD.
+512 bags × 8 ids = 4,096 lookups per step, then a 64→32→1 MLP — trained with SGD.
 
 * non-private: ``sparse=True`` embedding + plain SGD (PyTorch's fastest baseline: sparse grads);
 * lazy: dpkit ``make_private`` (BK clipping) with ``embedding_noise="lazy"`` (default
   :class:`~dpkit.mechanisms.lazy.GaussianRowNoise`: one aggregated draw per touched row);
 * lazy-keyed: the same with the order-independent Philox source
   (:class:`~dpkit.mechanisms.lazy.CounterGaussianRowNoise`), for reproducibility;
-* eager: dpkit DP-SGD with dense noise on the whole table every step (the DP-SGD baseline).
+* floor: the non-private step plus what any lazy DP-SGD must add to it — draw the pending noise
+  of the rows the batch reads (``torch.unique`` of the ids, ``torch.randn`` of those rows) and
+  scatter it into the table (one ``index_add_``);
+* eager: dpkit DP-SGD with dense noise on the whole table every step (the DP-SGD baseline;
+  ``--eager-steps`` steps per round, default 1: a step takes seconds on a CPU).
 
 The only peer with per-sample embedding gradients, Opacus, materialises a (batch × rows × 64)
 per-sample gradient (512 × 1M × 64 floats = 128 GiB): it cannot run this workload.
 
 Each round runs ``--steps`` steps of every configuration in turn (all models live in memory at
-once); the per-configuration time is the median over rounds of the per-step mean. The floor of
-the lazy step is also measured: the non-private step plus ``torch.randn`` of the touched rows.
-The time to flush all pending noise (needed once before release) is reported separately.
+once). Per configuration: the median over rounds of the per-step mean, and the ratio to the
+non-private step of the SAME round (median over rounds, min–max = the run-to-run spread).
+After the timed rounds, one more pass over the lazy configuration times its parts
+(``perf_counter`` around the lazy materialisation in the forward pre-hook, the backward pass, the
+engine's per-example clipping, the lazy sparse update and the rest of ``DPOptimizer.step``), and
+the floor's parts on their own. The time to flush all pending noise (needed once before
+release) is reported separately.
 
-    python benchmarks/lazydp.py                        # 1M rows, 7 rounds x 3 steps
+    python benchmarks/lazydp.py                        # 1M rows, 7 rounds x 10 steps
     python benchmarks/lazydp.py --quick --json out.json
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import platform
 import statistics
@@ -38,6 +48,7 @@ import dpkit
 from dpkit.mechanisms.lazy import CounterGaussianRowNoise
 
 DIM, IDS_PER_BAG = 64, 8
+FLOOR = "floor (non-private + draw & scatter touched rows' noise)"
 
 
 class _DLRM(nn.Module):
@@ -56,7 +67,7 @@ def build(config: str, rows: int, bags: int, seed: int = 0):
     with torch.no_grad():
         model = _DLRM(rows)
     base = torch.optim.SGD(model.parameters(), lr=0.05)
-    if config == "non-private":
+    if config in ("non-private", FLOOR):
         return model, base
     emb = {"lazy": "lazy", "lazy-keyed": CounterGaussianRowNoise(seed), "eager": "eager"}[config]
     _, opt, _ = dpkit.make_private(model, base, None, max_grad_norm=1.0, noise_multiplier=1.0,
@@ -65,33 +76,102 @@ def build(config: str, rows: int, bags: int, seed: int = 0):
     return model, opt
 
 
+class _Timer:
+    """Accumulates wall time per label; wraps bound methods of one object (instance attributes)."""
+
+    def __init__(self, sync):
+        self.total = collections.defaultdict(float)
+        self.sync = sync
+
+    def wrap(self, obj, method: str, label: str) -> None:
+        inner = getattr(obj, method)
+
+        def timed(*args, **kwargs):
+            self.sync()
+            t0 = time.perf_counter()
+            out = inner(*args, **kwargs)
+            self.sync()
+            self.total[label] += time.perf_counter() - t0
+            return out
+        setattr(obj, method, timed)
+
+    def __call__(self, label: str, fn):
+        self.sync()
+        t0 = time.perf_counter()
+        out = fn()
+        self.sync()
+        self.total[label] += time.perf_counter() - t0
+        return out
+
+
+def breakdown(model, opt, batches, loss_fn, sync, device) -> dict:
+    """ms per step of the parts of the lazy step and of its floor (see the module docstring)."""
+    timer = _Timer(sync)
+    lazy = opt._lazy
+    timer.wrap(lazy, "_read", "lazy materialisation (in forward: unique, randn, scatter)")
+    timer.wrap(opt.engine, "accumulate", "engine: per-example clipping (accumulate)")
+    timer.wrap(lazy, "step", "lazy sparse update (clipped rows)")
+    for ids, y in batches:
+        timer("zero_grad", lambda: opt.zero_grad(set_to_none=True))
+        out = timer("forward (total)", lambda: model(ids))
+        loss = timer("forward (total)", lambda: loss_fn(out, y))
+        timer("backward", loss.backward)
+        timer("DPOptimizer.step (total)", opt.step)
+    for attr in ("_read", "step"):
+        del lazy.__dict__[attr]
+    del opt.engine.__dict__["accumulate"]
+    t = {k: 1e3 * v / len(batches) for k, v in timer.total.items()}
+    mat, clip, upd = (t["lazy materialisation (in forward: unique, randn, scatter)"],
+                      t["engine: per-example clipping (accumulate)"], t["lazy sparse update (clipped rows)"])
+    ms = {"zero_grad": t["zero_grad"],
+          "forward (total)": t["forward (total)"],
+          "  lazy materialisation (pre-hook: unique, markers, randn, scatter)": mat,
+          "  embedding + MLP + engine capture hooks": t["forward (total)"] - mat,
+          "backward": t["backward"],
+          "DPOptimizer.step (total)": t["DPOptimizer.step (total)"],
+          "  engine: per-example norms and clipping (accumulate)": clip,
+          "  lazy sparse update of the touched rows": upd,
+          "  dense noise, base SGD step, bookkeeping": t["DPOptimizer.step (total)"] - clip - upd}
+    floor = _Timer(sync)
+    table = model.table.weight.detach().clone()
+    for ids, _ in batches:
+        rows = floor("unique of the ids", lambda: torch.unique(ids))
+        z = floor("randn of the touched rows", lambda: torch.randn(rows.numel(), DIM, device=device))
+        floor("index_add_ of the noise", lambda: table.index_add_(0, rows, z))
+    ms.update({f"floor part: {k}": 1e3 * v / len(batches) for k, v in floor.total.items()})
+    return ms
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--bags", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--steps", type=int, default=3, help="steps per configuration per round")
-    parser.add_argument("--configs", nargs="+", default=["non-private", "lazy", "lazy-keyed", "eager"])
+    parser.add_argument("--steps", type=int, default=10, help="steps per configuration per round")
+    parser.add_argument("--eager-steps", type=int, default=1, help="steps of 'eager' per round")
+    parser.add_argument("--configs", nargs="+", default=["non-private", "lazy", "lazy-keyed", "floor", "eager"],
+                        choices=["non-private", "lazy", "lazy-keyed", "floor", "eager"])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--quick", action="store_true", help="100k rows, 3 rounds (smoke run)")
+    parser.add_argument("--quick", action="store_true", help="100k rows, 3 rounds x 3 steps (smoke run)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: stable timings on a shared machine)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     if args.quick:
-        args.rows, args.rounds = min(args.rows, 100_000), min(args.rounds, 3)
+        args.rows, args.rounds, args.steps = min(args.rows, 100_000), min(args.rounds, 3), min(args.steps, 3)
     torch.set_num_threads(args.threads)
-    if args.steps < 1 or args.rounds < 1 or args.rows < args.bags * IDS_PER_BAG:
-        parser.error("--steps and --rounds must be >= 1 and --rows >= bags * 8")
+    if min(args.steps, args.eager_steps, args.rounds) < 1 or args.rows < args.bags * IDS_PER_BAG:
+        parser.error("--steps, --eager-steps and --rounds must be >= 1 and --rows >= bags * 8")
+    configs = ["non-private"] + [FLOOR if c == "floor" else c for c in args.configs if c != "non-private"]
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     loss_fn = nn.BCEWithLogitsLoss()
     g = torch.Generator().manual_seed(1)
-    n_batches = (args.rounds + 1) * args.steps
+    n_batches = (args.rounds + 2) * args.steps
     batches = [(torch.randint(0, args.rows, (args.bags, IDS_PER_BAG), generator=g).to(device),
                 torch.randint(0, 2, (args.bags,), generator=g).float().to(device)) for _ in range(n_batches)]
     runs = {}
-    for c in args.configs:
+    for c in configs:
         model, opt = build(c, args.rows, args.bags)
         runs[c] = (model.to(device), opt)
 
@@ -100,33 +180,38 @@ def main(argv=None) -> int:
         loss_fn(model(ids), y).backward()
         opt.step()
 
-    def floor_step(model, opt, ids, y):  # non-private + the noise draw of the touched rows
+    def floor_step(model, opt, ids, y):  # non-private + the noise any lazy scheme draws and writes
         step(model, opt, ids, y)
-        torch.randn(int(torch.unique(ids).numel()), DIM, device=device)
+        rows = torch.unique(ids)
+        with torch.no_grad():
+            model.table.weight.index_add_(0, rows, torch.randn(rows.numel(), DIM, device=device))
 
-    timed = {c: [] for c in args.configs}
-    timed["floor (non-private + randn of touched rows)"] = []
-    fns = {c: step for c in args.configs}
-    fns["floor (non-private + randn of touched rows)"] = floor_step
+    timed = {c: [] for c in configs}
     for r in range(args.rounds + 1):  # round 0 is a warm-up
-        for name, fn in fns.items():
-            model, opt = runs.get(name, runs.get("non-private"))
+        for c in configs:
+            model, opt = runs[c]
+            steps = args.eager_steps if c == "eager" else args.steps
+            fn = floor_step if c == FLOOR else step
             sync()
             t0 = time.perf_counter()
-            for ids, y in batches[r * args.steps:(r + 1) * args.steps]:
+            for ids, y in batches[r * args.steps:r * args.steps + steps]:
                 fn(model, opt, ids, y)
             sync()
             if r > 0:
-                timed[name].append((time.perf_counter() - t0) / args.steps)
-    ms = {c: 1e3 * statistics.median(v) for c, v in timed.items() if v}
-    spread = {c: [1e3 * min(v), 1e3 * max(v)] for c, v in timed.items() if v}
-    base = ms.get("non-private")
+                timed[c].append((time.perf_counter() - t0) / steps)
+    ms = {c: 1e3 * statistics.median(v) for c, v in timed.items()}
+    spread = {c: [1e3 * min(v), 1e3 * max(v)] for c, v in timed.items()}
+    ratios = {c: [a / b for a, b in zip(v, timed["non-private"])] for c, v in timed.items()}
     out = {"machine": f"{platform.machine()} {platform.processor() or ''}, {device}, "
                       f"{torch.get_num_threads()} torch threads, torch {torch.__version__}",
            "workload": {"rows": args.rows, "dim": DIM, "bags": args.bags, "ids_per_bag": IDS_PER_BAG,
-                        "rounds": args.rounds, "steps_per_round": args.steps},
+                        "rounds": args.rounds, "steps_per_round": args.steps, "eager_steps_per_round": args.eager_steps},
            "ms_per_step": ms, "ms_min_max": spread,
-           "ratio_to_non_private": {c: v / base for c, v in ms.items()} if base else None}
+           "ratio_to_non_private": {c: statistics.median(v) for c, v in ratios.items()},
+           "ratio_min_max": {c: [min(v), max(v)] for c, v in ratios.items()}}
+    if "lazy" in runs:
+        model, opt = runs["lazy"]
+        out["lazy_breakdown_ms"] = breakdown(model, opt, batches[-args.steps:], loss_fn, sync, device)
     for c in ("lazy", "lazy-keyed"):
         if c in runs:
             sync()
@@ -136,11 +221,16 @@ def main(argv=None) -> int:
             out.setdefault("flush_s", {})[c] = time.perf_counter() - t0
     print(f"LazyDP benchmark — {out['machine']}")
     print(f"EmbeddingBag {args.rows:,} x {DIM}, {args.bags} bags x {IDS_PER_BAG} ids + MLP; "
-          f"median of {args.rounds} interleaved rounds x {args.steps} steps\n")
-    print(f"{'config':<46}{'ms/step':>9}{'min-max':>15}{'x non-private':>15}")
-    for c, v in ms.items():
-        ratio = f"{v / base:.2f}" if base else "n/a"
-        print(f"{c:<46}{v:>9.2f}{spread[c][0]:>7.1f}-{spread[c][1]:<7.1f}{ratio:>15}")
+          f"{args.rounds} interleaved rounds x {args.steps} steps (eager: {args.eager_steps})\n")
+    print(f"{'config':<58}{'ms/step':>9}{'min-max':>16}{'x non-private':>15}{'min-max':>14}")
+    for c in configs:
+        lo, hi = out["ratio_min_max"][c]
+        print(f"{c:<58}{ms[c]:>9.2f}{spread[c][0]:>8.1f}-{spread[c][1]:<7.1f}"
+              f"{out['ratio_to_non_private'][c]:>15.2f}{lo:>8.2f}-{hi:<5.2f}")
+    if "lazy_breakdown_ms" in out:
+        print(f"\nbreakdown of the lazy step ({args.steps} more steps, ms/step):")
+        for k, v in out["lazy_breakdown_ms"].items():
+            print(f"  {k:<66}{v:>8.3f}")
     for c, s in out.get("flush_s", {}).items():
         print(f"flush of all pending noise ({c}): {s:.2f} s")
     print(json.dumps(out))

@@ -43,7 +43,7 @@ class _Table:
     """One lazy embedding weight: its module, name, history and per-row step markers.
 
     ``det[r]``: the step up to which row r's deterministic part (decay and gradients) is applied.
-    ``noised[r]``: the step up to which row r's noise is applied; ``noised ≤ det ≤ noised + 1``.
+    ``noised[r]``: the step up to which row r's noise is applied; ``noised ≤ det``.
     """
 
     def __init__(self, name: str, module: nn.Module, group: dict, base: int):
@@ -205,8 +205,12 @@ class LazyEmbeddingNoise:
             ids = args[0] if args else kwargs.get("input")
             if ids is None:
                 raise TypeError(f"embedding {table.name!r} was called without input ids")
-            self._materialise(table, torch.unique(ids.detach()).long().to(table.weight.device), self.steps)
+            self._read(table, ids)
         return hook
+
+    def _read(self, table: _Table, ids: torch.Tensor) -> None:
+        """A training forward pass reads the rows ``ids`` looks up: bring them to the current step."""
+        self._materialise(table, torch.unique(ids.detach()).long().to(table.weight.device), self.steps)
 
     def _before_release(self, module, prefix, keep_vars):
         self.flush()
@@ -244,9 +248,9 @@ class LazyEmbeddingNoise:
     def step(self, engine) -> None:
         """Sparse SGD update of every lazy table for the logical step ``self.steps``.
 
-        Touched rows are first brought to the current step (normally done by the forward
-        pre-hook already), then receive the step's decay and clipped-gradient update; their noise
-        for this step stays pending like every other row's.
+        Touched rows receive the step's decay and clipped-gradient update (with decay or
+        momentum they are first brought to the current step, normally done by the forward
+        pre-hook already); their noise for this step stays pending like every other row's.
 
         Call :meth:`prepare` first.
         """
@@ -258,10 +262,11 @@ class LazyEmbeddingNoise:
                 continue
             table.history.append(lr, wd)
             if wd == 0.0:
-                # w −= η/B̄ · Σ clipped rows: index_add_ sums repeated rows itself (no unique/merge)
+                # w −= η/B̄ · Σ clipped rows. Without decay the update and the pending noise are
+                # both plain additions: they commute, so no catch-up of the rows is needed here,
+                # and index_add_ sums repeated rows itself (no sort and merge)
                 rows, sums = _clipped_rows(engine, table.weight)
                 if rows.numel():
-                    self._catch_up(table, rows, t)
                     step = sums.to(table.weight.dtype).mul(-lr / self.expected_batch_size)
                     table.weight.index_add_(0, rows, step)  # no alpha: CPU index_add_ with alpha is ~3x slower
                     table.det.index_fill_(0, rows, t + 1)
@@ -278,13 +283,6 @@ class LazyEmbeddingNoise:
             if table.segment is None and table.history.needs_rebase():
                 self._flush_table(table)
                 table.history.rebase()
-
-    def _catch_up(self, table: _Table, rows: torch.Tensor, t: int) -> None:
-        """Materialise rows (may repeat) that received a gradient without being brought to step
-        ``t`` by the pre-hook (one comparison when, as usual, the hook did it)."""
-        late = table.noised.index_select(0, rows) < t
-        if bool(late.any()):
-            self._materialise(table, torch.unique(rows[late]), t)
 
     def _step_momentum(self, table: _Table, rows, sums, t: int) -> None:
         """torch SGD with momentum (dampening 0) on the touched rows; a change of (η, λ, μ) first
