@@ -1,0 +1,296 @@
+"""Near-exact MMCC for short encoders (n = 2, 3): history cells instead of tail bounds. TORCH-FREE.
+
+The pair (after MMCC's reduction, Choquette-Choo, Ganesh, Steinke, Thakurta, ICLR 2024, §3) is
+``P = N(0, σ²I_n)`` vs ``Q = E_s N(C s, σ²I_n)``, s_j ~ Bernoulli(p) i.i.d., C ≥ 0 lower-triangular.
+
+**Theorem (history-dependent dominating pair).** Write h = θ_{1:n−1}, q_<, p_< for the densities of
+h under Q and P, ``ℓ(h) = ln q_<(h)/p_<(h)`` and ``Q_n(·|h)`` for the law of θ_n given h under Q.
+Factoring both densities row n last, for every γ ≥ 0
+
+    (1)  H_γ(Q‖P) = ∫ q_<(h) · H_{γ e^{−ℓ(h)}}( Q_n(·|h) ‖ N(0, σ²) ) dh,
+    (2)  H_γ(P‖Q) = ∫ p_<(h) · H_{γ e^{ℓ(h)}}( N(0, σ²) ‖ Q_n(·|h) ) dh,
+
+(H_γ(A‖B) = ∫ (a − γ b)_+). Given h, s_n.. are independent of h, so ``Q_n(·|h) = M(X_h)`` is the
+mixture ``E N(X, σ²)`` over the posterior law X_h of the row-n sensitivity ``X = Σ_j C_nj s_j ≥ 0``.
+*Lemma*: if X ≤_st Y (Y ≥ 0), then H_γ(M(X)‖N(0,σ²)) ≤ H_γ(M(Y)‖N(0,σ²)) and
+H_γ(N(0,σ²)‖M(X)) ≤ H_γ(N(0,σ²)‖M(Y)). Proof: the likelihood ratio ``E exp((Xt − X²/2)/σ²)`` is
+non-decreasing in t (X ≥ 0), so by Neyman–Pearson the optimal sets are the half-lines [t, ∞)
+(resp. (−∞, t]); on a half-line ``M(X)([t, ∞)) = E Φ̄((t − X)/σ)`` is non-decreasing under ≤_st
+(resp. ``M(X)((−∞, t])`` non-increasing), so every half-line's value, hence the sup, can only grow.
+Also H_γ is non-increasing in γ. Hence, for a partition of h-space into boxes K = [a, b] (a, b the
+lower/upper corners) and any law Y_K with X_h ≤_st Y_K for all h ∈ K:
+
+    δ_remove(ε) ≤ Σ_K Q_<(K) · H_{e^{ε − ℓ̄_K}}(M(Y_K)‖N(0, σ²)) + Q_<(outside the boxes),
+    δ_add(ε)    ≤ Σ_K P_<(K) · H_{e^{ε + ℓ_K}}(N(0, σ²)‖M(Y_K)) + P_<(outside the boxes),
+
+with ℓ̄_K ≥ sup_K ℓ and ℓ_K ≤ inf_K ℓ (outside cells: H ≤ 1). This is the δ(ε) of the
+dominating pair "h ~ Q_< (resp. P_<), then row n from Y_{K(h)}" — no tail δ is spent.
+
+*Box bounds (all exact up to float rounding).* For a pattern u of the columns seen by the prefix
+(C_{<n, j} ≠ 0), with prefix mean m_u = C_{<n} u and prior w_u, the unnormalised posterior weight
+is ``w_u exp((⟨h, m_u⟩ − ‖m_u‖²/2)/σ²)``; since m_u ≥ 0 it is non-decreasing in each h_k, so
+ℓ(h) = ln Σ_u (weights) is maximal at b and minimal at a; for an up-set U of patterns (e.g. the
+patterns with seen-part sensitivity ≥ v) ``P(U | h) ≤ Σ_U w(b) / (Σ_U w(b) + Σ_{U^c} w(a))``.
+Bounding every tail P(X_seen ≥ v_k | h) this way (then a running max from the top so the tails
+decrease) gives a law Y_seen with X_seen ≤_st Y_seen on the box; the unseen columns stay
+independent Bernoulli(p), so Y_K = Y_seen + Σ_{unseen} C_nj Bernoulli(p). Cell masses are products
+of normal-CDF differences per pattern. The hockey-stick divergences of a mixture vs N(0, σ²) are
+evaluated at a bracket [t_lo, t_hi] of the optimal threshold, ``M([t_lo, ∞)) − γ Φ̄(t_hi/σ)``
+(resp. ``Φ(t_hi/σ) − γ M((−∞, t_lo])``), an upper bound on the supremum.
+
+With the lead's per-column bound the same theorem would hold; the exact box bound above is tighter.
+For n = 2 this is exact up to the cell width (the posterior of s_1 given θ_1 is monotone in θ_1).
+The cost grows as (cells per axis)^(n−1): offered for n ≤ 3 only (larger n: the tail-bound MMCC).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+from scipy import special
+
+__all__ = ["cells_delta", "cells_epsilon"]
+
+_NEWTON_STEPS = 40
+
+
+def _interval_prob(lo, hi, mean, sigma):
+    """P(lo < N(mean, σ²) ≤ hi), accurate in both tails."""
+    zl, zh = (lo - mean) / sigma, (hi - mean) / sigma
+    upper = special.ndtr(-zl) - special.ndtr(-zh)  # accurate when the interval is right of mean
+    lower = special.ndtr(zh) - special.ndtr(zl)
+    return np.maximum(np.where(zl > 0, upper, lower), 0.0)
+
+
+def _log_lr(t, log_u, v, sigma):
+    """ln E_u exp((v t − v²/2)/σ²) for thresholds t (cells × 1) and mixtures (cells × atoms)."""
+    return special.logsumexp(log_u + (v * t - 0.5 * v * v) / (sigma * sigma), axis=1,
+                             keepdims=True)
+
+
+def _threshold(level, log_u, v, sigma):
+    """Bracket [t_lo, t_hi] of the root of ln LR(t) = level (ln LR convex, non-decreasing in t).
+
+    Newton from the right of the root stays right of it (convexity), so the iterate is t_hi; t_lo
+    is checked (ln LR(t_lo) ≤ level) and set to −∞ where the check fails (still a valid bracket).
+    Where ln LR > level everywhere (level below the log-mass of the zero atom) the optimal set is
+    everything resp. nothing: (−∞, −∞); a mixture with no mass off zero has LR ≡ 1 ≤ e^level:
+    (∞, ∞).
+    """
+    s2 = sigma * sigma
+    log_zero = special.logsumexp(np.where(v == 0, log_u, -np.inf), axis=1)
+    t_lo = np.full(level.shape, -np.inf)
+    t_hi = np.full(level.shape, -np.inf)
+    # largest atom carrying mass; none positive: LR ≡ 1 ≤ e^level, the optimal set is empty
+    top_all = np.where(np.isfinite(log_u), v, 0.0).max(axis=1)
+    flat = (level >= log_zero) & (top_all == 0)
+    t_lo[flat] = t_hi[flat] = np.inf
+    idx = np.nonzero((level >= log_zero) & (top_all > 0))[0]
+    lu, vv, lev = log_u[idx], v[idx], level[idx][:, None]
+    top = top_all[idx][:, None]
+    log_top = special.logsumexp(np.where(vv == top, lu, -np.inf), axis=1, keepdims=True)
+    # ln LR(t) ≥ ln u_top + (top·t − top²/2)/σ² ≥ level from this t on: start right of the root
+    t = np.maximum((lev - log_top) * s2 / top + top / 2, 0.0)
+    active = np.arange(idx.size)
+    for _ in range(_NEWTON_STEPS):
+        z = lu[active] + (vv[active] * t[active] - 0.5 * vv[active] ** 2) / s2
+        lse = special.logsumexp(z, axis=1, keepdims=True)
+        slope = np.sum(np.exp(z - lse) * vv[active], axis=1, keepdims=True) / s2
+        step = np.maximum(lse - lev[active], 0.0) / np.maximum(slope, 1e-300)
+        t[active] = np.maximum(t[active] - step, -1e6)  # −1e6: far below any relevant root
+        active = active[(step > 1e-12 * (1.0 + np.abs(t[active])))[:, 0]]
+        if active.size == 0:
+            break
+    lo = t - 1e-9 * (1.0 + np.abs(t))
+    ok = (_log_lr(lo, lu, vv, sigma) <= lev)[:, 0]
+    t_hi[idx] = t[:, 0]
+    t_lo[idx] = np.where(ok, lo[:, 0], -np.inf)
+    return t_lo, t_hi
+
+
+def _mixture_tail(t, u, v, sigma, upper):
+    """M([t, ∞)) (upper) or M((−∞, t]) of the mixture Σ u N(v, σ²), per cell."""
+    z = (t - v) / sigma
+    return np.sum(u * (special.ndtr(-z) if upper else special.ndtr(z)), axis=1)
+
+
+def _hockey_stick(log_gamma, u, v, sigma, remove):
+    """Upper bound on H_γ(M‖N(0,σ²)) (remove) or H_γ(N(0,σ²)‖M) (add), M = Σ u N(v, σ²), v ≥ 0."""
+    with np.errstate(divide="ignore"):
+        log_u = np.log(u)
+    level = log_gamma if remove else -log_gamma  # optimal set: {LR > γ} resp. {LR < 1/γ}
+    t_lo, t_hi = _threshold(level, log_u, v, sigma)
+    gamma = np.exp(np.minimum(log_gamma, 700.0))
+    if remove:
+        out = _mixture_tail(t_lo[:, None], u, v, sigma, True) - gamma * special.ndtr(-t_hi / sigma)
+    else:
+        out = special.ndtr(t_hi / sigma) - gamma * _mixture_tail(t_lo[:, None], u, v, sigma, False)
+    return np.maximum(out, 0.0)
+
+
+class _Cells:
+    """Precomputed boxes of the prefix h = θ_{1:n−1}: masses, loss bounds, dominating row laws."""
+
+    def __init__(self, C, sigma, p, delta, cells_per_sigma):
+        n = C.shape[0]
+        d = n - 1
+        prefix, last = C[:d], C[d]
+        seen = np.nonzero(np.any(prefix != 0, axis=0))[0]
+        unseen = [j for j in range(n) if j not in set(seen.tolist()) and last[j] > 0]
+        patterns = np.array(list(itertools.product([0.0, 1.0], repeat=seen.size)))
+        k = patterns.sum(axis=1)
+        log_w = k * math.log(p) + (seen.size - k) * math.log1p(-p)
+        means = patterns @ prefix[:, seen].T  # (patterns, d)
+        x_seen = patterns @ last[seen]
+        # edges: ±R σ around the means, R so that each axis' outside mass ≤ δ·1e-4 / d
+        r = float(-special.ndtri(delta * 1e-4 / (2 * d)))
+        edges = []
+        for axis in range(d):
+            lo, hi = -r * sigma, float(means[:, axis].max()) + r * sigma
+            m = int(math.ceil((hi - lo) * cells_per_sigma / sigma))
+            edges.append(np.linspace(lo, hi, m + 1))
+        grids_a = np.meshgrid(*[e[:-1] for e in edges], indexing="ij")
+        grids_b = np.meshgrid(*[e[1:] for e in edges], indexing="ij")
+        a = np.stack([g.ravel() for g in grids_a], axis=1)
+        b = np.stack([g.ravel() for g in grids_b], axis=1)
+        # masses: per pattern, product over axes of interval probabilities
+        q_mass = np.zeros(a.shape[0])
+        q_inside = 0.0
+        p_mass = np.ones(a.shape[0])
+        for u in range(patterns.shape[0]):
+            prob = np.ones(a.shape[0])
+            inside = 1.0
+            for axis in range(d):
+                prob *= _interval_prob(a[:, axis], b[:, axis], means[u, axis], sigma)
+                inside *= float(_interval_prob(edges[axis][0], edges[axis][-1], means[u, axis],
+                                               sigma))
+            q_mass += math.exp(log_w[u]) * prob
+            q_inside += math.exp(log_w[u]) * inside
+        p_inside = 1.0
+        for axis in range(d):
+            p_mass *= _interval_prob(a[:, axis], b[:, axis], 0.0, sigma)
+            p_inside *= float(_interval_prob(edges[axis][0], edges[axis][-1], 0.0, sigma))
+        # outside mass, computed from the inside mass of each pattern (never below the truth:
+        # inner boxes' masses are summed separately, the remainder is bounded by 1 − inside)
+        self.q_out = max(1.0 - q_inside, 0.0) + 1e-15
+        self.p_out = max(1.0 - p_inside, 0.0) + 1e-15
+        s2 = sigma * sigma
+        half = 0.5 * np.sum(means * means, axis=1)
+        z_b = log_w + (b @ means.T - half) / s2  # (cells, patterns) log-weights at upper corner
+        z_a = log_w + (a @ means.T - half) / s2
+        self.loss_hi = special.logsumexp(z_b, axis=1)  # ℓ̄_K
+        self.loss_lo = special.logsumexp(z_a, axis=1)  # ℓ_K
+        # dominating law of the seen part: tails at the distinct values v_1 < ... < v_r
+        values = np.unique(x_seen)
+        tails = np.ones((a.shape[0], values.size))
+        for i, v in enumerate(values[1:], start=1):
+            up = x_seen >= v
+            num = special.logsumexp(z_b[:, up], axis=1)
+            den = np.logaddexp(num, special.logsumexp(z_a[:, ~up], axis=1)) if (~up).any() else num
+            tails[:, i] = np.exp(num - den)
+        tails = np.minimum(np.maximum.accumulate(tails[:, ::-1], axis=1)[:, ::-1], 1.0)
+        mass = tails - np.concatenate([tails[:, 1:], np.zeros((a.shape[0], 1))], axis=1)
+        atoms = np.broadcast_to(values, mass.shape)
+        for j in unseen:  # independent Bernoulli(p) columns not seen by the prefix
+            atoms = np.concatenate([atoms, atoms + last[j]], axis=1)
+            mass = np.concatenate([mass * (1 - p), mass * p], axis=1)
+        keep = (q_mass > 0) | (p_mass > 0)
+        self.q_mass, self.p_mass = q_mass[keep], p_mass[keep]
+        self.loss_hi, self.loss_lo = self.loss_hi[keep], self.loss_lo[keep]
+        self.u, self.v = np.maximum(mass[keep], 0.0), np.array(atoms[keep])
+        self.sigma = sigma
+        self.cells = int(keep.sum())
+        self.trivial = not np.any(self.v > 0)
+
+    def delta(self, epsilon):
+        """Upper bound on max(δ_remove(ε), δ_add(ε)) (see the module docstring)."""
+        if self.trivial:  # row n has sensitivity 0: δ of the prefix alone (H_γ = (1 − γ)_+)
+            rem = np.maximum(1 - np.exp(epsilon - self.loss_hi), 0.0)
+            add = np.maximum(1 - np.exp(epsilon + self.loss_lo), 0.0)
+        else:
+            rem = _hockey_stick(epsilon - self.loss_hi, self.u, self.v, self.sigma, True)
+            add = _hockey_stick(epsilon + self.loss_lo, self.u, self.v, self.sigma, False)
+        return max(float(self.q_mass @ rem) + self.q_out, float(self.p_mass @ add) + self.p_out)
+
+
+def _default_cells(n):
+    return 400 if n == 2 else 20
+
+
+def cells_delta(C, *, noise_multiplier: float, sampling_prob: float, epsilon: float,
+                cells_per_sigma: int | None = None, delta_hint: float = 1e-6) -> float:
+    """Upper bound on δ(ε) of the n = 2 or 3 step pair (see the module docstring).
+
+    ``delta_hint`` sizes the grid (outside mass ≤ 1e-4·delta_hint); ``C`` must already be
+    checked (non-negative lower-triangular, n ∈ {2, 3}).
+    """
+    C = np.asarray(C, float)
+    cells = _Cells(C, noise_multiplier, sampling_prob, delta_hint,
+                   cells_per_sigma or _default_cells(C.shape[0]))
+    return cells.delta(epsilon)
+
+
+def _search(delta_fn, delta, lo, hi, d_lo, d_hi, rtol):
+    """Smallest ε in [lo, hi] (to rtol) with delta_fn(ε) ≤ δ, given d_hi = delta_fn(hi) ≤ δ <
+    d_lo = delta_fn(lo).
+
+    Secant steps on ln δ (δ(ε) is close to log-linear), nudged half a tolerance up so that they
+    usually land just inside, then a probe one tolerance below; bisection when the secant stalls.
+    Returns the upper end of the bracket, whose bound was evaluated ≤ δ.
+    """
+    target = math.log(delta)
+    l_lo, l_hi = math.log(d_lo), math.log(max(d_hi, 1e-300))
+    while True:
+        tol = rtol * max(hi, 1e-3)
+        if hi - lo <= tol:
+            return hi
+        guess = lo + (l_lo - target) / (l_lo - l_hi) * (hi - lo) + 0.5 * tol
+        if hi - guess < 0.5 * tol:
+            guess = hi - 0.99 * tol  # the secant says we are there: probe the lower end
+        if not lo + 0.01 * (hi - lo) < guess < hi - 0.01 * (hi - lo):
+            guess = 0.5 * (lo + hi)
+        d = delta_fn(guess)
+        if d <= delta:
+            hi, l_hi = guess, math.log(max(d, 1e-300))
+        else:
+            lo, l_lo = guess, math.log(d)
+
+
+def cells_epsilon(C, *, noise_multiplier: float, sampling_prob: float, delta: float,
+                  epsilon_hi: float, cells_per_sigma: int | None = None, rtol: float = 1e-3):
+    """Smallest ε (to ``rtol``) with the cell bound δ(ε) ≤ δ, searched in [0, epsilon_hi].
+
+    A coarse grid (itself a valid bound) brackets ε, the fine grid then needs a few evaluations.
+
+    Returns:
+        ``(epsilon, cells)``; epsilon is None when δ(epsilon_hi) > δ (the cell bound is then no
+        better than the caller's). The returned ε has its δ bound evaluated ≤ δ.
+    """
+    C = np.asarray(C, float)
+    n = C.shape[0]
+    if n not in (2, 3):
+        raise ValueError(f"the cell analysis covers n = 2 or 3 steps; got n = {n}")
+    fine_cps = cells_per_sigma or _default_cells(n)
+    coarse = _Cells(C, noise_multiplier, sampling_prob, delta, max(fine_cps // 4, 4))
+    d_hi, d_lo = coarse.delta(epsilon_hi), coarse.delta(0.0)
+    if d_hi > delta:
+        return None, coarse.cells
+    if d_lo <= delta:
+        return 0.0, coarse.cells
+    hi = _search(coarse.delta, delta, 0.0, float(epsilon_hi), d_lo, d_hi, 1e-2)
+    fine = _Cells(C, noise_multiplier, sampling_prob, delta, fine_cps)
+    d_hi = fine.delta(hi)
+    if d_hi > delta:  # the grids are not nested: the coarse answer stands (it is valid)
+        return hi, coarse.cells
+    lo = hi
+    while True:  # step down until the fine bound exceeds δ (it is only slightly tighter)
+        lo = max(lo - 0.03 * hi, 0.0)
+        d_lo = fine.delta(lo)
+        if d_lo > delta:
+            break
+        hi, d_hi = lo, d_lo
+        if lo == 0.0:
+            return 0.0, fine.cells
+    return _search(fine.delta, delta, lo, hi, d_lo, d_hi, rtol), fine.cells
