@@ -41,8 +41,15 @@ Consequences: C2 = 0 is exactly DP-SGD (the event is ``dpsgd_event``); for C2 > 
 strictly larger than DP-SGD's at the same σ and C1; and C2 must be small compared with C1/B̄ for
 the cost to stay moderate. The paper gives an algorithm-specific Rényi-DP analysis with a noise only
 slightly larger than DP-SGD's; we could not retrieve its exact statement nor reproduce such a
-calibration for arbitrary data (it would need a bound on the per-example gradients, which cannot be
-enforced), so dpkit uses the worst-case bound above. See docs/dicesgd_dpsgdf.md.
+calibration for arbitrary data (it needs a bound on the per-example gradients), so without one dpkit
+uses the worst-case bound above. See docs/dicesgd_dpsgdf.md.
+
+Enforced gradient bound (``gradient_bound=G``): every per-example gradient is clipped at G ≥ C1
+BEFORE the C1 clip, so the residual fed to e is clip(g, G) − clip(g, C1), of norm ≤ G − C1 by
+construction (formed from the engine's own C1 factors: min(1, G/‖g‖) = min(1, (G/C1)·min(1, C1/‖g‖))).
+The run is then accounted by :mod:`dpkit.optim.dicesgd_bounded` (a proved participation-count
+bound: the feedback costs at most k(G − C1) in total over a run in which the example is sampled
+k times), orders of magnitude below the bound above unless G − C1 is large.
 """
 
 from __future__ import annotations
@@ -62,7 +69,7 @@ from dpkit.optim.dp_optimizer import DPOptimizer
 __all__ = ["ErrorFeedback", "attach_error_feedback", "dicesgd_event", "default_noise_split",
            "calibrate_dicesgd_noise"]
 
-_CONFIG_KEYS = ("clip2", "noise_split", "calibration")
+_CONFIG_KEYS = ("clip2", "noise_split", "calibration", "gradient_bound")
 
 
 def default_noise_split(sampling_prob, *, clip1, clip2, expected_batch_size) -> float:
@@ -216,6 +223,37 @@ def _feedback_sigma_floor(eps, delta, steps, clip1, clip2, batch, q, noise_split
     return k / hi
 
 
+class _BoundedResiduals:
+    """Σ_i (clip(g_i, G) − clip(g_i, C1)) per parameter, accumulated alongside an engine's clipped sum.
+
+    Wraps the engine instance's clip-factor computation: the G factor of example i is
+    min(1, (G/C1)·c_i) times the loss scale, with c_i the engine's own standard C1 factor (0 for a
+    dropped example), so both clips use the same per-example norm. Cleared with the engine's sums.
+    """
+
+    def __init__(self, engine, gradient_bound: float):
+        ratio = gradient_bound / engine.max_grad_norm
+        self.sums: dict[int, torch.Tensor] = {}
+        clip_factors, reset = engine._clip_factors, engine.reset
+
+        def bounded_clip_factors(merged, batch_size, scale):
+            factors = clip_factors(merged, batch_size, scale)
+            for pid, c in factors.items():
+                extra = merged[pid].clipped_sum(torch.clamp(c * ratio, max=scale) - c)
+                self.sums[pid] = extra if pid not in self.sums else self.sums[pid] + extra
+            return factors
+
+        def bounded_reset():
+            reset()
+            self.sums.clear()
+
+        engine._clip_factors, engine.reset = bounded_clip_factors, bounded_reset
+
+    def residual_sum(self, p: torch.Tensor) -> torch.Tensor:
+        s = self.sums.get(id(p))
+        return torch.zeros_like(p) if s is None else s
+
+
 class ErrorFeedback:
     """The DiceSGD error state of one :class:`DPOptimizer`, fed back through its contribution hook.
 
@@ -227,14 +265,18 @@ class ErrorFeedback:
     Args:
         optimizer: the DPOptimizer (its engine must track unclipped sums).
         clip2: C2 ≥ 0, threshold of the fed-back error in mean units (Zhang et al. Alg. 1).
+        gradient_bound: None, or G ≥ C1: per-example gradients are clipped at G before the C1 clip
+            (residuals of norm ≤ G − C1; see :mod:`dpkit.optim.dicesgd_bounded`).
 
     Raises:
         TypeError, ValueError: see :func:`attach_error_feedback`.
     """
 
-    def __init__(self, optimizer: DPOptimizer, *, clip2: float):
+    def __init__(self, optimizer: DPOptimizer, *, clip2: float, gradient_bound=None):
         self.optimizer = optimizer
         self.clip2 = V.non_negative("clip2", clip2)
+        self.gradient_bound = gradient_bound
+        self._bounded = None if gradient_bound is None else _BoundedResiduals(optimizer.engine, gradient_bound)
         self.error: list[torch.Tensor] | None = None
         # set by attach_error_feedback(calibration="reference"): the reference code's UNVERIFIED claim
         self.reference = None
@@ -253,7 +295,8 @@ class ErrorFeedback:
         factor = 0.0 if self.clip2 == 0.0 else min(1.0, self.clip2 / norm) if norm > 0 else 1.0
         feedback = [factor * e for e in self.error]
         for i, p in enumerate(params):
-            residual = (engine.unclipped_sum(p) - engine.clipped_sum(p)) / b
+            residual = (engine.unclipped_sum(p) - engine.clipped_sum(p) if self._bounded is None
+                        else self._bounded.residual_sum(p)) / b
             self.error[i] = self.error[i] - feedback[i] + residual.to(self.error[i].dtype)
         return [(b * f).to(p.dtype) for f, p in zip(feedback, params)]
 
@@ -273,7 +316,7 @@ class ErrorFeedback:
 
 
 def attach_error_feedback(optimizer, *, clip2, sampling_prob, noise_split=None,
-                          calibration="dpkit") -> ErrorFeedback:
+                          calibration="dpkit", gradient_bound=None) -> ErrorFeedback:
     """Turn a fresh Poisson-sampled :class:`DPOptimizer` into DiceSGD and fix its privacy account.
 
     Registers the feedback as a contribution hook (added to the clipped sum before noise and
@@ -292,6 +335,11 @@ def attach_error_feedback(optimizer, *, clip2, sampling_prob, noise_split=None,
             σ from the authors' code, :func:`dpkit.optim.dicesgd_reference.reference_dicesgd_calibration`
             (needs a target ε and planned steps; warns; its ε is only CLAIMED by the reference code,
             kept in ``feedback.reference``; ``optimizer.epsilon()`` stays dpkit's account).
+        gradient_bound: None (default) or G ≥ C1: clip every per-example gradient at G before
+            the C1 clip and account the run with :class:`~dpkit.optim.dicesgd_bounded.
+            BoundedDiceSGDAccountant` (replaces the optimizer's accountant; σ re-calibrated by
+            :func:`~dpkit.optim.dicesgd_bounded.calibrate_bounded_dicesgd_noise` if a target was
+            set). Needs the standard clip function and the "dpkit" calibration.
 
     Returns:
         The attached :class:`ErrorFeedback`.
@@ -322,8 +370,11 @@ def attach_error_feedback(optimizer, *, clip2, sampling_prob, noise_split=None,
         raise ValueError("optimizer already has error feedback attached")
     kwargs = dict(clip1=optimizer.max_grad_norm, clip2=clip2,
                   expected_batch_size=optimizer.expected_batch_size, noise_split=noise_split)
+    calibration = V.one_of("calibration", calibration, ("dpkit", "reference"))
+    if gradient_bound is not None:
+        return _attach_bounded(optimizer, clip2, q, gradient_bound, noise_split, calibration)
     reference = None
-    if V.one_of("calibration", calibration, ("dpkit", "reference")) == "reference":
+    if calibration == "reference":
         if optimizer.target is None or optimizer.max_steps is None:
             raise ValueError("calibration='reference' needs target_epsilon, target_delta and planned "
                              "steps/epochs (it calibrates sigma for that target)")
@@ -376,4 +427,41 @@ def configure_error_feedback(optimizer, config, *, sampling_prob, poisson_sampli
                          "use poisson_sampling=True")
     return attach_error_feedback(optimizer, clip2=config["clip2"], sampling_prob=sampling_prob,
                                  noise_split=config.get("noise_split"),
-                                 calibration=config.get("calibration", "dpkit"))
+                                 calibration=config.get("calibration", "dpkit"),
+                                 gradient_bound=config.get("gradient_bound"))
+
+
+def _attach_bounded(optimizer, clip2, q, gradient_bound, noise_split, calibration) -> ErrorFeedback:
+    """attach_error_feedback(gradient_bound=G): second clip, bounded accountant, calibration."""
+    from dpkit.accountants import dpsgd_event
+    from dpkit.optim.dicesgd_bounded import (BoundedDiceSGDAccountant, calibrate_bounded_dicesgd_noise,
+                                             validate_gradient_bound)
+
+    engine = optimizer.engine
+    g = validate_gradient_bound(gradient_bound, engine.max_grad_norm)
+    if calibration != "dpkit" or noise_split is not None:
+        raise ValueError("gradient_bound is accounted by dpkit's bounded DiceSGD theorem only; drop "
+                         "calibration='reference' and noise_split")
+    if engine.clip_function != "standard":
+        raise ValueError("gradient_bound needs clip_function='standard' (the residual clip(g, G) - clip(g, C1) "
+                         f"is bounded by G - C1 for projections only); got {engine.clip_function!r}")
+    split = "pld"
+    if optimizer.accountant is not None:
+        split = optimizer.accountant.name
+        if split not in ("pld", "rdp", "prv"):
+            raise ValueError(f"gradient_bound composes its split bound with 'pld', 'rdp' or 'prv'; the "
+                             f"optimizer's accountant is {split!r}")
+    kw = dict(clip1=optimizer.max_grad_norm, clip2=clip2, gradient_bound=g,
+              expected_batch_size=optimizer.expected_batch_size)
+    if optimizer.target is not None and optimizer.max_steps is not None:
+        sigma = calibrate_bounded_dicesgd_noise(*optimizer.target, q, optimizer.max_steps, accountant=split, **kw)
+    else:
+        sigma = optimizer.noise_multiplier
+    feedback = ErrorFeedback(optimizer, clip2=clip2, gradient_bound=g)
+    # the step event records (q, σ); the bounded accountant turns the run into ε (module theorem)
+    optimizer._recalibrate(sigma, dpsgd_event(sigma, q, 1))
+    if optimizer.accountant is not None:
+        optimizer.accountant = BoundedDiceSGDAccountant(split_accountant=split, neighboring_relation=
+                                                        optimizer.accountant.neighboring_relation, **kw)
+    optimizer.register_contribution_hook(feedback)
+    return feedback
