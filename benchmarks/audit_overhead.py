@@ -1,10 +1,15 @@
 """In-run audit overhead: DP-SGD step time with and without gradient canaries, one process.
 
-    python benchmarks/audit_overhead.py [--canaries 1000] [--rounds 7] [--json]
+    python benchmarks/audit_overhead.py [--canaries 1000] [--rounds 7] [--threads 1] [--json]   (--json: the JSON line only)
 
-Model: the MLP of ``dpkit demo`` (64→64→10) and a wider one (784→256→10), batch 128, SGD; the same
-DP-SGD run is timed with no canaries and with ``CanaryAuditor`` (canary directions sampled at the
-run's rate and added to the clipped sum each step); steps are interleaved round-robin (median).
+Model: the MLP of ``dpkit demo`` (64→64→10) and a wider one (784→256→10), batch 128, q = 0.05, SGD;
+the same DP-SGD run is timed with no canaries and with ``CanaryAuditor`` (canary directions sampled
+at the run's rate and added to the clipped sum each step); steps are interleaved round-robin in this
+process (median, and the min–max of the per-round overheads as the spread). Two more columns locate
+the floor: ``hook`` is the auditor's contribution alone (mask + fused sum of the ≈ q·m sampled
+directions), ``read k·d`` a plain sum of k contiguous rows at a random offset of the same direction table
+(k·d float32 values, not in cache) — the memory traffic that any exact insertion of k dense d-dim
+directions must pay.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from dpkit.audit.canaries import CanaryAuditor
 sys.path.insert(0, "benchmarks")
 import _harness as H  # noqa: E402
 
+RATE = 0.05
+
 
 def _setup(widths, canaries, batch=128):
     torch.manual_seed(0)
@@ -33,47 +40,67 @@ def _setup(widths, canaries, batch=128):
     model = nn.Sequential(*layers[:-1])
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     _, opt, _ = dpkit.make_private(model, opt, None, noise_multiplier=1.0, max_grad_norm=1.0,
-                                   sample_rate=0.05, expected_batch_size=batch,
+                                   sample_rate=RATE, expected_batch_size=batch,
                                    generator=torch.Generator().manual_seed(0))
-    if canaries:
-        CanaryAuditor(opt, num_canaries=canaries, seed=0)
+    auditor = CanaryAuditor(opt, num_canaries=canaries, num_unseen=2, seed=0) if canaries else None
     x, y = torch.randn(batch, widths[0]), torch.randint(0, widths[-1], (batch,))
 
     def step():
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
-    return step
+    return step, auditor, opt
+
+
+def _timed(fn, reps):
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) / reps
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--canaries", type=int, default=1000)
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: stable on a shared machine)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
     rows = []
     for widths in ([64, 64, 10], [784, 256, 10]):
-        steps = {"dp-sgd": _setup(widths, 0), f"dp-sgd + {args.canaries} canaries": _setup(widths, args.canaries)}
-        samples = {k: [] for k in steps}
-        for fn in steps.values():
+        base, _, _ = _setup(widths, 0)
+        audited, auditor, opt = _setup(widths, args.canaries)
+        k = round(RATE * args.canaries)
+        counter = iter(range(10**9))
+        starts = iter(torch.randint(0, args.canaries - k, (10**5,)).tolist())
+        fns = {"base": base, "audited": audited,
+               "hook": lambda: auditor._contribute(next(counter), opt.params),
+               "read": lambda: auditor._directions[next(starts):][:k].sum()}
+        samples = {name: [] for name in fns}
+        for fn in fns.values():
             fn()
         for _ in range(args.rounds):
-            for k, fn in steps.items():
-                t0 = time.perf_counter()
-                for _ in range(10):
-                    fn()
-                samples[k].append((time.perf_counter() - t0) / 10)
-        base, audited = (statistics.median(v) for v in samples.values())
-        rows.append({"model": "→".join(map(str, widths)), "step_ms": 1000 * base,
-                     "audited_step_ms": 1000 * audited, "overhead": audited / base - 1})
-    if args.json:
-        print(json.dumps({"machine": H.machine(), "canaries": args.canaries, "rows": rows}))
-        return rows
-    print(f"in-run audit overhead, {args.canaries} canaries ({H.machine()})")
-    print(f"{'model':<14}{'DP-SGD ms':>11}{'+canaries ms':>14}{'overhead':>10}")
-    for r in rows:
-        print(f"{r['model']:<14}{r['step_ms']:>11.2f}{r['audited_step_ms']:>14.2f}{100 * r['overhead']:>9.1f}%")
+            for name, fn in fns.items():
+                samples[name].append(_timed(fn, 10))
+        med = {name: statistics.median(v) for name, v in samples.items()}
+        overheads = [a / b - 1 for a, b in zip(samples["audited"], samples["base"])]
+        rows.append({"model": "→".join(map(str, widths)), "dim": auditor.dim, "sampled_k": k,
+                     "step_ms": 1000 * med["base"], "audited_step_ms": 1000 * med["audited"],
+                     "overhead": med["audited"] / med["base"] - 1,
+                     "overhead_min": min(overheads), "overhead_max": max(overheads),
+                     "hook_ms": 1000 * med["hook"], "read_kd_ms": 1000 * med["read"]})
+    out = {"machine": H.machine(), "canaries": args.canaries, "sampling_rate": RATE,
+           "rounds": args.rounds, "rows": rows}
+    if not args.json:
+        print(f"in-run audit overhead, {args.canaries} canaries, q = {RATE} ({H.machine()})")
+        print(f"{'model':<12}{'d':>8}{'DP-SGD ms':>11}{'+canaries':>11}{'overhead':>10}"
+              f"{'spread':>18}{'hook ms':>9}{'read k·d ms':>13}")
+        for r in rows:
+            spread = f"{100 * r['overhead_min']:.1f}% – {100 * r['overhead_max']:.1f}%"
+            print(f"{r['model']:<12}{r['dim']:>8}{r['step_ms']:>11.2f}{r['audited_step_ms']:>11.2f}"
+                  f"{100 * r['overhead']:>9.1f}%{spread:>18}{r['hook_ms']:>9.3f}{r['read_kd_ms']:>13.3f}")
+    print(json.dumps(out))
     return rows
 
 

@@ -14,11 +14,17 @@ model statistic is the cosine between θ_0 − θ_T and u_j. Unseen canaries (ne
 null. Optimizers that rescale coordinates (Adam, RMSprop) distort the directions; use SGD (with
 or without momentum) for audits.
 
-Memory: the (inserted + unseen) × d direction matrix is kept (float32) on the parameters'
-device. Directions come from :func:`dpkit.audit.canary_directions` (counter-based from (seed,
-canary index)), so the audit can be redone offline from the seed. The canaries' inclusion coins
-of logical step t are keyed by (seed, t) too, so an auditor restored with :meth:`CanaryAuditor.
-load_state_dict` next to a resumed optimizer draws exactly what an uninterrupted run draws.
+Cost: a step sums the directions of the ≈ q·m sampled canaries, k·d float32 reads (memory-
+bound): for d ≤ 65,536 or on an accelerator in ONE fused ``embedding_bag`` call over d/1024
+column chunks (no per-canary Python loop, no (k × d) gather copy), for larger d on CPU as k
+streaming row adds. That read is the floor of an exact in-run audit with dense
+isotropic directions: overhead ≈ q·m·d·4 bytes / memory bandwidth, against a step whose cost grows
+with batch·d (see docs/auditing.md). Memory: only the m inserted directions are kept (float32, on
+the parameters' device); the unseen ones are regenerated from the seed when scored. Directions
+come from :func:`dpkit.audit.canary_directions` (counter-based from (seed, canary index)), so the
+audit can be redone offline from the seed. The canaries' inclusion coins of logical step t are
+keyed by (seed, t) too, so an auditor restored with :meth:`CanaryAuditor.load_state_dict` next to
+a resumed optimizer draws exactly what an uninterrupted run draws.
 
 Randomness: the seed defaults to OS entropy. It is audit randomness, not privacy noise of the
 real examples (they are protected by the optimizer's noise whatever the canaries are), so an
@@ -31,12 +37,21 @@ import secrets
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from dpkit import _validate
 from dpkit.audit.artifact import AuditArtifact
 from dpkit.audit.canary_stats import canary_cosines, canary_directions
 from dpkit.audit.one_shot import OneShotEstimate, one_shot_epsilon
 from dpkit.optim.dp_optimizer import DPOptimizer
+
+_CHUNK = 1024  # columns per embedding_bag bag: d/1024 bags spread over threads, rows stay in cache
+# Above this d, on CPU, k in-place row adds beat the fused call: each add streams one contiguous row
+# (prefetch-friendly) and its ≈ 3 µs launch is < 10% of it; embedding_bag hops between k rows per
+# 4 KiB chunk and ran 1.7x slower at d = 203,530 (benchmarks/audit_overhead.py machine).
+_ROW_ADD_MIN_DIM = 65536
+_MASK_BLOCK = 64  # steps whose canary coins are drawn together
+_SCORE_BLOCK = 256  # unseen directions regenerated this many at a time when scoring
 
 
 def _event_sampling_rate(event) -> float:
@@ -99,19 +114,31 @@ class CanaryAuditor:
             raise ValueError(f"num_canaries + num_unseen must be <= the number of trainable "
                              f"parameters ({self.dim}); got {total}")
         self._directions = self._make_directions(params[0].device)
+        self._mask_block = (-1, None)  # (block index, its (64, m) coins)
         self._theta0 = self._flat(params).clone()
         self.inclusions = np.zeros(self.num_canaries, dtype=np.int64)  # times each was sampled
         self._handle = optimizer.register_contribution_hook(self._contribute)
 
     def _make_directions(self, device) -> torch.Tensor:
-        dirs = canary_directions(self.seed, self.num_canaries + self.num_unseen, self.dim)
-        return torch.as_tensor(dirs, dtype=torch.float32, device=device)
+        """Inserted directions as a zero-padded (m, c·1024) table: its (m·c, 1024) view has chunk r
+        of canary j at row j·c + r, so one embedding_bag with c bags sums k canaries."""
+        self._chunks = -(-self.dim // _CHUNK)
+        self._chunk_ids = torch.arange(self._chunks, device=device).unsqueeze(1)
+        table = torch.zeros(self.num_canaries, self._chunks * _CHUNK, dtype=torch.float32, device=device)
+        table[:, :self.dim] = torch.from_numpy(
+            canary_directions(self.seed, self.num_canaries, self.dim, dtype=np.float32))
+        return table
 
     def _inclusion_mask(self, step: int) -> np.ndarray:
-        """Poisson coins of logical step ``step``: a stream keyed by (seed, tag, step), separate
-        from the directions, so a resumed auditor continues instead of replaying step 0's coins."""
-        rng = np.random.default_rng(np.random.SeedSequence([self.seed, 0xCA7A, int(step)]))
-        return rng.random(self.num_canaries) < self.sampling_rate
+        """Poisson coins of logical step ``step``: row ``step % 64`` of a block drawn from a stream
+        keyed by (seed, tag, step // 64), separate from the directions, so a resumed auditor
+        continues instead of replaying step 0's coins (one draw per 64 steps: a fresh generator
+        costs ≈ 15 µs, 1.5% of a small model's step)."""
+        block = int(step) // _MASK_BLOCK
+        if self._mask_block[0] != block:
+            rng = np.random.default_rng(np.random.SeedSequence([self.seed, 0xCA7A, block]))
+            self._mask_block = (block, rng.random((_MASK_BLOCK, self.num_canaries)) < self.sampling_rate)
+        return self._mask_block[1][int(step) % _MASK_BLOCK]
 
     @staticmethod
     def _flat(params) -> torch.Tensor:
@@ -128,11 +155,19 @@ class CanaryAuditor:
         if not mask.any():
             return None
         self.inclusions += mask
-        # accumulate row views in place: no (k × d) gather copy (the cost is memory-bound)
-        flat = torch.zeros(self.dim, dtype=self._directions.dtype, device=self._directions.device)
-        for j in np.flatnonzero(mask):
-            flat.add_(self._directions[int(j)])
-        flat.mul_(self._optimizer.max_grad_norm)
+        table, clip = self._directions, float(self._optimizer.max_grad_norm)
+        if self.dim > _ROW_ADD_MIN_DIM and table.device.type == "cpu":
+            flat = torch.zeros(table.shape[1], dtype=table.dtype)
+            for j in np.flatnonzero(mask).tolist():
+                flat.add_(table[j])
+            flat.mul_(clip)
+        else:
+            idx = torch.from_numpy(np.flatnonzero(mask)).to(table.device)
+            rows = (idx * self._chunks + self._chunk_ids).reshape(-1)  # bag r: chunk r of each j
+            offsets = torch.arange(0, rows.numel(), idx.numel(), device=table.device)
+            weights = torch.full((rows.numel(),), clip, dtype=table.dtype, device=table.device)
+            flat = F.embedding_bag(rows, table.view(-1, _CHUNK), offsets, mode="sum",
+                                   per_sample_weights=weights).reshape(-1)  # C·u_j: at the clip bound
         out, start = [], 0
         for p, shape in zip(params, self._shapes):
             n = p.numel()
@@ -162,6 +197,7 @@ class CanaryAuditor:
                 raise ValueError(f"state was saved with {key}={state[key]!r}; this auditor has "
                                  f"{key}={getattr(self, key)!r}: build it with the same settings")
         self.seed = int(state["seed"])
+        self._mask_block = (-1, None)
         self._directions = self._make_directions(self._directions.device)
         self._theta0 = torch.as_tensor(state["theta0"]).to(self._theta0.device, self._theta0.dtype).clone()
         self.inclusions = torch.as_tensor(state["inclusions"]).numpy().astype(np.int64)
@@ -180,9 +216,11 @@ class CanaryAuditor:
             ValueError: the parameters have not moved.
         """
         delta = (self._theta0 - self._flat(self._optimizer.params)).cpu().numpy().astype(np.float64)
-        dirs = self._directions.cpu().numpy().astype(np.float64)
-        return (canary_cosines(delta, dirs[:self.num_canaries]),
-                canary_cosines(delta, dirs[self.num_canaries:]))
+        inserted = self._directions[:, :self.dim].cpu().numpy().astype(np.float64)
+        unseen = [canary_cosines(delta, canary_directions(
+            self.seed, np.arange(start, min(start + _SCORE_BLOCK, self.num_canaries + self.num_unseen)),
+            self.dim)) for start in range(self.num_canaries, self.num_canaries + self.num_unseen, _SCORE_BLOCK)]
+        return canary_cosines(delta, inserted), np.concatenate(unseen)
 
     def estimate(self, *, delta, confidence=0.95) -> OneShotEstimate:
         """One-shot estimate of ε for the final model so far (Andrew et al., Sec. 3).
