@@ -179,3 +179,121 @@ def test_energy_bound_fails_without_the_second_clip():
         excess.append(e_diff ** 2 + energy - (k_t * 0.6) ** 2)
         energy += d_t ** 2
     assert max(excess) > 100.0
+
+
+# ------------------------------------------------------------------ step 6 and the mixture over k
+def test_gaussian_dp_delta_matches_dp_accounting():
+    for mu in (0.3, 1.0, 2.5):
+        pld = dp_pld.PLDAccountant().compose(dpe.GaussianDpEvent(1.0 / mu))
+        for eps in (0.0, 0.5, 2.0, 8.0):
+            ref = pld.get_delta(eps)
+            assert float(gaussian_dp_delta(mu, eps)) == pytest.approx(ref, rel=2e-3, abs=1e-12)
+
+
+def test_participation_delta_matches_quadrature():
+    sigma, q, steps, c1, c2, g, b = 2.0, 0.3, 12, 1.0, 0.2, 1.4, 5.0
+    for eps in (0.3, 1.5, 4.0):
+        ref = 0.0
+        for k in range(1, steps + 1):
+            mu = (math.sqrt(k) * c1 + min(k * (g - c1), math.sqrt(steps - 1) * 2 * b * c2)) / (sigma * c1)
+            # hockey stick H_{e^ε}(N(μ,1) ‖ N(0,1)) by quadrature over the region where it is positive
+            x0 = eps / mu + mu / 2
+            hs = integrate.quad(lambda x: stats.norm.pdf(x, mu) - math.exp(eps) * stats.norm.pdf(x), x0, np.inf)[0]
+            ref += math.comb(steps, k) * q ** k * (1 - q) ** (steps - k) * hs
+        got = participation_delta(eps, sigma, q, steps, clip1=c1, clip2=c2, gradient_bound=g, expected_batch_size=b)
+        assert got == pytest.approx(ref, rel=1e-6)
+
+
+def test_truncation_count_against_scipy_binomial_tail():
+    for steps, q in ((400, 0.05), (50, 0.3), (1000, 0.001)):
+        for tail in (1e-3, 1e-6, 1e-9):
+            k = truncation_count(steps, q, tail)
+            pmf = [math.comb(steps, j) * q ** j * (1 - q) ** (steps - j) for j in range(steps + 1)]
+            assert sum(pmf[k + 1:]) <= tail * (1 + 1e-9)
+            assert k == 0 or sum(pmf[k:]) > tail  # the smallest such K
+            assert stats.binom.sf(k, steps, q) <= tail
+    assert truncation_count(10, 0.5, 0.0) == 10
+
+
+def test_gradient_bound_equal_to_clip1_is_dpsgd_exactly():
+    sigma, q, steps, delta = 1.1, 0.05, 300, 1e-5
+    ref = dp_pld.PLDAccountant(value_discretization_interval=1e-4).compose(
+        dpe.SelfComposedDpEvent(dpe.PoissonSampledDpEvent(q, dpe.GaussianDpEvent(sigma)), steps)).get_epsilon(delta)
+    got = bounded_dicesgd_epsilon(sigma, q, steps, delta, clip1=1.0, clip2=0.3, gradient_bound=1.0,
+                                  expected_batch_size=50)
+    assert got == pytest.approx(ref, rel=1e-2)
+
+
+def test_bound_is_above_dpsgd_and_grows_with_g():
+    sigma, q, steps, delta = 4.0, 0.05, 300, 1e-5
+    dpsgd = make_accountant("pld").compose(dpsgd_event(sigma, q, steps)).epsilon(delta)
+    eps = [bounded_dicesgd_epsilon(sigma, q, steps, delta, clip1=1.0, clip2=0.01, gradient_bound=g,
+                                   expected_batch_size=50) for g in (1.0, 1.05, 1.3, 2.0)]
+    assert eps[0] == pytest.approx(dpsgd, rel=1e-6)
+    assert all(a <= b for a, b in zip(eps, eps[1:])) and eps[-1] > dpsgd
+
+
+def test_calibration_meets_the_target_and_is_tight():
+    kw = dict(clip1=1.0, clip2=0.05, gradient_bound=1.2, expected_batch_size=10)
+    sigma = calibrate_bounded_dicesgd_noise(3.0, 1e-5, 0.1, 50, rtol=1e-3, **kw)
+    assert bounded_dicesgd_epsilon(sigma, 0.1, 50, 1e-5, **kw) <= 3.0
+    assert bounded_dicesgd_epsilon(sigma * (1 - 3e-3), 0.1, 50, 1e-5, **kw) > 3.0
+    with pytest.raises(CalibrationError, match="gradient_bound"):
+        calibrate_bounded_dicesgd_noise(0.01, 1e-9, 1.0, 500, max_noise_multiplier=2.0, **kw)
+
+
+# ------------------------------------------------------------------ the accountant and make_private
+def test_make_private_with_gradient_bound_meets_its_target():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 3, generator=g)
+    y = x.sum(1, keepdim=True) + torch.distributions.LogNormal(0.0, 1.5).sample((40, 1))
+    model = nn.Linear(3, 1)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    model, opt, loader = dpkit.make_private(model, torch.optim.SGD(model.parameters(), lr=0.05), loader,
+                                            max_grad_norm=1.0, target_epsilon=4.0, target_delta=1e-5, epochs=2,
+                                            error_feedback={"clip2": 0.1, "gradient_bound": 1.5},
+                                            generator=torch.Generator().manual_seed(1))
+    assert isinstance(opt.accountant, BoundedDiceSGDAccountant)
+    for _ in range(2):
+        for xb, yb in loader:
+            opt.zero_grad()
+            nn.functional.mse_loss(model(xb), yb).backward()
+            opt.step()
+    assert opt.steps == opt.max_steps
+    assert 3.9 <= opt.epsilon(1e-5) <= 4.0
+    # a fresh accountant restored from the optimizer's checkpoint gives the same ε
+    state = opt.state_dict()["dpkit"]["accountant"]
+    fresh = BoundedDiceSGDAccountant(clip1=1.0, clip2=0.1, gradient_bound=1.5, expected_batch_size=8)
+    assert fresh.load_state_dict(state).epsilon(1e-5) == opt.epsilon(1e-5)
+
+
+def test_accountant_refuses_what_the_theorem_does_not_cover():
+    acc = BoundedDiceSGDAccountant(clip1=1.0, clip2=0.1, gradient_bound=1.5, expected_batch_size=8)
+    acc.compose(dpsgd_event(2.0, 0.1), 3)
+    with pytest.raises(ValueError, match="one \\(q, sigma\\)"):
+        acc.compose(dpsgd_event(3.0, 0.1))
+    with pytest.raises(UnsupportedEventError):
+        acc.compose(dpe.LaplaceDpEvent(1.0))
+    replace = BoundedDiceSGDAccountant(clip1=1.0, clip2=0.1, gradient_bound=1.5, expected_batch_size=8,
+                                       neighboring_relation="replace_one")
+    with pytest.raises(UnsupportedEventError, match="add/remove"):
+        replace.compose(dpsgd_event(2.0, 0.1))
+    # δ(ε) is a valid bound in its own right (the participation bound), never below the ε(δ) query's
+    eps = acc.epsilon(1e-5)
+    assert acc.delta(eps) >= 0.0 and participation_delta(
+        eps, 2.0, 0.1, 3, clip1=1.0, clip2=0.1, gradient_bound=1.5, expected_batch_size=8) == acc.delta(eps)
+
+
+def test_bad_gradient_bound_arguments_are_named():
+    model = nn.Linear(3, 1)
+    with pytest.raises(ValueError, match="gradient_bound must be >= max_grad_norm"):
+        attach_error_feedback(_optimizer(model, clip1=1.0, batch=4), clip2=0.1, sampling_prob=0.25,
+                              gradient_bound=0.5)
+    with pytest.raises(ValueError, match="clip_function='standard'"):
+        attach_error_feedback(_optimizer(nn.Linear(3, 1), clip1=1.0, batch=4, clip_function="automatic"),
+                              clip2=0.1, sampling_prob=0.25, gradient_bound=2.0)
+    with pytest.raises(ValueError, match="calibration='reference'"):
+        attach_error_feedback(_optimizer(nn.Linear(3, 1), clip1=1.0, batch=4), clip2=0.1, sampling_prob=0.25,
+                              gradient_bound=2.0, calibration="reference")
+    with pytest.raises(ValueError, match="gradient_bound"):
+        participation_delta(1.0, 1.0, 0.1, 10, clip1=1.0, clip2=0.1, gradient_bound=0.9, expected_batch_size=4)
