@@ -37,11 +37,14 @@ def make_data(n, d, seed, tail):
     return torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.float32), w_star
 
 
-def train(x, y, *, sigma, clip1, clip2, batch, epochs, lr, seed, accountant="pld"):
+def train(x, y, *, sigma, clip1, clip2, batch, epochs, lr, seed, accountant="pld", gradient_bound=None):
+    """Train the regression; clip2=None is DP-SGD, gradient_bound=G adds DiceSGD's enforced bound."""
     torch.manual_seed(seed)
     model = nn.Linear(x.shape[1], 1)
     loader = DataLoader(TensorDataset(x, y), batch_size=batch)
     kwargs = {} if clip2 is None else {"error_feedback": {"clip2": clip2}}
+    if gradient_bound is not None:
+        kwargs["error_feedback"]["gradient_bound"] = gradient_bound
     model, opt, loader = dpkit.make_private(model, torch.optim.SGD(model.parameters(), lr=lr), loader,
                                            max_grad_norm=clip1, noise_multiplier=sigma, accountant=accountant,
                                            generator=torch.Generator().manual_seed(seed), **kwargs)
