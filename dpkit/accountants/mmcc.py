@@ -349,8 +349,8 @@ def mmcc_analysis(C, *, noise_multiplier: float, sampling_prob: float, delta: fl
     result = MMCCResult(epsilon=max(eps, 0.0), delta=delta, pld_delta=pld_delta, tail_delta=tail,
                         distinct_rows=len(groups) + (deterministic_sq > 0),
                         max_probability_ratio=max_ratio)
-    # p = 1: the tail-bound analysis is already the exact Gaussian; the cells add nothing
-    if analysis == "tail_bound" or n not in (2, 3) or p == 1.0 or not groups:
+    # p = 1 (no groups): the tail-bound analysis is already the exact Gaussian
+    if analysis == "tail_bound" or (analysis == "auto" and (n not in (2, 3) or not groups)):
         return result
     from dpkit.accountants.mmcc_cells import cells_epsilon
 

@@ -73,8 +73,9 @@ def _log_lr(t, log_u, v, sigma):
 def _threshold(level, log_u, v, sigma):
     """Bracket [t_lo, t_hi] of the root of ln LR(t) = level (ln LR convex, non-decreasing in t).
 
-    Newton from the right of the root stays right of it (convexity), so the iterate is t_hi; t_lo
-    is checked (ln LR(t_lo) ≤ level) and set to −∞ where the check fails (still a valid bracket).
+    Newton from the right of the root stays right of it (convexity), so the iterate is t_hi; both
+    ends are checked (ln LR(t_lo) ≤ level ≤ ln LR(t_hi)) and replaced by ∓∞ where a check fails
+    (still a valid bracket, only looser).
     Where ln LR > level everywhere (level below the log-mass of the zero atom) the optimal set is
     everything resp. nothing: (−∞, −∞); a mixture with no mass off zero has LR ≡ 1 ≤ e^level:
     (∞, ∞).
@@ -105,7 +106,11 @@ def _threshold(level, log_u, v, sigma):
             break
     lo = t - 1e-9 * (1.0 + np.abs(t))
     ok = (_log_lr(lo, lu, vv, sigma) <= lev)[:, 0]
-    t_hi[idx] = t[:, 0]
+    # float rounding could leave the last Newton iterate a hair left of the root: check, nudge
+    up = t + 1e-9 * (1.0 + np.abs(t))
+    hi = np.where(_log_lr(t, lu, vv, sigma) >= lev, t,
+                  np.where(_log_lr(up, lu, vv, sigma) >= lev, up, np.inf))
+    t_hi[idx] = hi[:, 0]
     t_lo[idx] = np.where(ok, lo[:, 0], -np.inf)
     return t_lo, t_hi
 
@@ -141,7 +146,8 @@ class _Cells:
         unseen = [j for j in range(n) if j not in set(seen.tolist()) and last[j] > 0]
         patterns = np.array(list(itertools.product([0.0, 1.0], repeat=seen.size)))
         k = patterns.sum(axis=1)
-        log_w = k * math.log(p) + (seen.size - k) * math.log1p(-p)
+        with np.errstate(divide="ignore", invalid="ignore"):  # p = 1: a zero in u: weight 0
+            log_w = k * math.log(p) + np.where(k < seen.size, (seen.size - k) * np.log1p(-p), 0.0)
         means = patterns @ prefix[:, seen].T  # (patterns, d)
         x_seen = patterns @ last[seen]
         # edges: ±R σ around the means, R so that each axis' outside mass ≤ δ·1e-4 / d
