@@ -37,7 +37,7 @@ def main():
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--lr", type=float, default=0.2)
     ap.add_argument("--tail", type=float, default=1.5)
-    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--seeds", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(1)
     t0 = time.time()
