@@ -31,8 +31,12 @@ Proof.
     step t releases N(μ_t, s²I) in D and N(μ_t + m_t, s²I) in D', with
     m_t = b_t·clip(g*_t, C1) + B̄·(clip(e'_t, C2) − clip(e_t, C2)): an adaptive composition of
     Gaussian mechanisms whose mean differences m_t are functions of the history.
-(3) Lemma A (firm nonexpansiveness of a projection, Bauschke & Combettes 2017, Prop. 4.16): with
-    P = clip(·, C2), the projection onto a closed ball, ‖Px − Py‖² + ‖(I−P)x − (I−P)y‖² ≤ ‖x − y‖².
+(3) Lemma A (firm nonexpansiveness of a projection; Bauschke & Combettes, Convex Analysis and
+    Monotone Operator Theory, 2nd ed. 2017, Prop. 4.16): with P = clip(·, C2), the projection onto
+    a closed ball, and R = I − P, ‖Px − Py‖² + ‖Rx − Ry‖² ≤ ‖x − y‖². Directly: ‖x − y‖² =
+    ‖Px − Py‖² + ‖Rx − Ry‖² + 2⟨Px − Py, Rx − Ry⟩, and ⟨Px − Py, Rx − Ry⟩ = ⟨Px − Py, x − Px⟩ +
+    ⟨Py − Px, y − Py⟩ ≥ 0: both terms are ≥ 0 by the projection's variational inequality
+    ⟨z − Pw, w − Pw⟩ ≤ 0 for z in the ball (w = x, z = Py; w = y, z = Px).
 (4) Lemma B (feedback energy). Let E_t = B̄(e'_t − e_t), d_t = B̄‖clip(e'_t, C2) − clip(e_t, C2)‖.
     The other examples' residuals cancel, so E_1 = 0 and E_{t+1} = B̄[(I−P)e'_t − (I−P)e_t] + b_t ρ_t
     with ‖ρ_t‖ ≤ Δ. Claim: ‖E_t‖² + Σ_{s<t} d_s² ≤ (k_t Δ)², k_t = Σ_{s<t} b_s. Induction: by
@@ -43,8 +47,8 @@ Proof.
 (5) Minkowski over t: (Σ_t ‖m_t‖²)^½ ≤ (Σ_t b_t C1²)^½ + (Σ_t d_t²)^½ ≤ s·μ_k on EVERY history.
 (6) Fully adaptive composition of Gaussian mechanisms (a privacy filter): if Σ_t ‖m_t‖²/s² ≤ μ²
     on every path, the composition is μ-GDP (Smith & Thakurta, "Fully adaptive composition for
-    Gaussian differential privacy", arXiv 2210.17520, 2022; Koskela, Tobaben, Honkela, AISTATS
-    2023). μ-GDP gives both hockey-stick divergences ≤ δ_G(μ, ε); k = 0 gives 0.     ∎
+    Gaussian differential privacy", arXiv 2210.17520, 2022; Koskela, Tobaben, Honkela, "Individual
+    privacy accounting with Gaussian differential privacy", ICLR 2023). μ-GDP gives both hockey-stick divergences ≤ δ_G(μ, ε); k = 0 gives 0.     ∎
 
 dpkit's account is the better of two valid bounds (a minimum of valid bounds is valid):
 

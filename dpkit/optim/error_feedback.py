@@ -461,7 +461,11 @@ def _attach_bounded(optimizer, clip2, q, gradient_bound, noise_split, calibratio
     # the step event records (q, σ); the bounded accountant turns the run into ε (module theorem)
     optimizer._recalibrate(sigma, dpsgd_event(sigma, q, 1))
     if optimizer.accountant is not None:
-        optimizer.accountant = BoundedDiceSGDAccountant(split_accountant=split, neighboring_relation=
-                                                        optimizer.accountant.neighboring_relation, **kw)
+        bounded = BoundedDiceSGDAccountant(split_accountant=split, neighboring_relation=
+                                           optimizer.accountant.neighboring_relation, **kw)
+        if not bounded.supports(optimizer.step_event):
+            raise ValueError("gradient_bound is accounted under add/remove neighbours only; build the "
+                             "optimizer with an add_remove accountant")
+        optimizer.accountant = bounded
     optimizer.register_contribution_hook(feedback)
     return feedback
