@@ -155,19 +155,18 @@ class CanaryAuditor:
         if not mask.any():
             return None
         self.inclusions += mask
-        table, clip = self._directions, float(self._optimizer.max_grad_norm)
+        table = self._directions
         if self.dim > _ROW_ADD_MIN_DIM and table.device.type == "cpu":
             flat = torch.zeros(table.shape[1], dtype=table.dtype)
             for j in np.flatnonzero(mask).tolist():
                 flat.add_(table[j])
-            flat.mul_(clip)
         else:
             idx = torch.from_numpy(np.flatnonzero(mask)).to(table.device)
             rows = (idx * self._chunks + self._chunk_ids).reshape(-1)  # bag r: chunk r of each j
             offsets = torch.arange(0, rows.numel(), idx.numel(), device=table.device)
-            weights = torch.full((rows.numel(),), clip, dtype=table.dtype, device=table.device)
-            flat = F.embedding_bag(rows, table.view(-1, _CHUNK), offsets, mode="sum",
-                                   per_sample_weights=weights).reshape(-1)  # C·u_j: at the clip bound
+            # no per_sample_weights: that kernel ran 1.4x slower than this sum plus one scaling pass
+            flat = F.embedding_bag(rows, table.view(-1, _CHUNK), offsets, mode="sum").reshape(-1)
+        flat.mul_(float(self._optimizer.max_grad_norm))  # C·u_j: each canary at the clip bound
         out, start = [], 0
         for p, shape in zip(params, self._shapes):
             n = p.numel()
