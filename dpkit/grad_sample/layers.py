@@ -217,19 +217,52 @@ class RMSNormRule(_NormRule):
 
 
 class GroupNormRule(_NormRule):
+    """GroupNorm (Wu, He, ECCV 2018, Eq. 1): x̂ = (x − μ)·rstd with μ, rstd per (example, group).
+
+    Per-example weight gradient Σ_l g·x̂ = rstd·(Σ_l g·x − μ·Σ_l g) per (example, channel), l over
+    positions: two fused reductions over the activations and the group statistics, without forming
+    x̂ or g·x̂ (≈2× faster on CPU). The difference cancels: its rounding error grows like
+    ε·(|μ|/σ)·Σ_l|g|, where forming x̂ gives ε·(|μ|/σ)·|Σ_l g| + ε·Σ_l|g|. For |μ|/σ above
+    ``max_mean_over_std`` in some (example, group), or bf16/fp16 activations, x̂ is formed instead.
+    """
+
+    max_mean_over_std = 8.0
+
+    def groups(self, module, x):
+        return module.num_groups
+
     def normalised(self, module, x):
-        return F.group_norm(x, module.num_groups, eps=module.eps)
+        return F.group_norm(x, self.groups(module, x), eps=module.eps)
 
     def position_dims(self, module, x):
         return tuple(range(2, x.dim()))
 
+    def per_sample_grads(self, module, x, grad_output):
+        weight = _trainable(getattr(module, "weight", None))
+        if x.dtype not in (torch.float32, torch.float64) or grad_output.dtype != x.dtype:
+            return super().per_sample_grads(module, x, grad_output)
+        B, C, G = x.shape[0], x.shape[1], self.groups(module, x)
+        L = x[0, 0].numel()
+        g = grad_output.reshape(B, C, L)
+        g_sum = g.sum(dim=2)
+        out = {}
+        if weight:
+            _, mean, rstd = torch.native_group_norm(x, None, None, B, C, L, G, module.eps)  # (B, G)
+            if not bool((mean.abs() * rstd).max() <= self.max_mean_over_std):
+                return super().per_sample_grads(module, x, grad_output)
+            g_x = torch.einsum("bcl,bcl->bc", g, x.reshape(B, C, L)).view(B, G, C // G)
+            w = (g_x - mean.unsqueeze(2) * g_sum.view(B, G, C // G)) * rstd.unsqueeze(2)
+            out["weight"] = w.reshape(B, C)
+        if _trainable(getattr(module, "bias", None)):
+            out["bias"] = g_sum
+        return out
 
-class InstanceNormRule(_NormRule):
-    def normalised(self, module, x):
-        return F.instance_norm(x, eps=module.eps)
 
-    def position_dims(self, module, x):
-        return tuple(range(2, x.dim()))
+class InstanceNormRule(GroupNormRule):
+    """InstanceNorm with affine parameters: GroupNorm with one channel per group."""
+
+    def groups(self, module, x):
+        return x.shape[1]
 
 
 def _trainable(p) -> bool:
