@@ -48,7 +48,8 @@ Proof.
 (6) Fully adaptive composition of Gaussian mechanisms (a privacy filter): if Σ_t ‖m_t‖²/s² ≤ μ²
     on every path, the composition is μ-GDP (Smith & Thakurta, "Fully adaptive composition for
     Gaussian differential privacy", arXiv 2210.17520, 2022; Koskela, Tobaben, Honkela, "Individual
-    privacy accounting with Gaussian differential privacy", ICLR 2023). μ-GDP gives both hockey-stick divergences ≤ δ_G(μ, ε); k = 0 gives 0.     ∎
+    privacy accounting with Gaussian differential privacy", ICLR 2023). μ-GDP gives both
+    hockey-stick divergences ≤ δ_G(μ_k, ε); k = 0 gives 0.     ∎
 
 dpkit's account is the better of two valid bounds (a minimum of valid bounds is valid):
 
@@ -63,9 +64,12 @@ dpkit's account is the better of two valid bounds (a minimum of valid bounds is 
   of DP-SGD, so it wins only when Δ is tiny (G within a few percent of C1).
 
 Tightness: with G = C1 (Δ = 0) the residual is zero and DiceSGD IS DP-SGD; the split bound then
-returns exactly DP-SGD's event. The participation bound is attained in its feedback term by an
-adversary that parks the canary's residuals in a saturated error state and releases them at
-once; it does not amplify the direct term, which costs it about 1/√q in noise against DP-SGD.
+returns exactly DP-SGD's event. The feedback term kΔ is reachable when kΔ ≤ B̄C2: other examples
+keep e saturated along the canary's residual (both worlds feed back the same C2·v while the
+difference accumulates), then a large opposite residual brings both states inside the ball and
+the whole difference kΔ is released in one step. The direct term √k·C1 is not amplified by
+sampling: at Δ → 0 the participation bound needs ≈ 2.6× DP-SGD's σ on the task of
+docs/dicesgd_dpsgdf.md, which is why the split bound is kept for G close to C1.
 """
 
 from __future__ import annotations
