@@ -1,6 +1,6 @@
 """LazyDP benchmark: step time of non-private SGD, dpkit lazy DP-SGD and dpkit eager DP-SGD,
 measured side by side in ONE process with interleaved rounds; ratios printed as a table and JSON,
-followed by a breakdown of the lazy step and of its floor.
+followed by the parts of the non-private, lazy and floor steps.
 
 Workload (issue 17): a DLRM-style model — ``EmbeddingBag`` (sum) of ``--rows`` × 64 over
 512 bags × 8 ids = 4,096 lookups per step, then a 64→32→1 MLP — trained with SGD.
@@ -22,11 +22,11 @@ per-sample gradient (512 × 1M × 64 floats = 128 GiB): it cannot run this workl
 Each round runs ``--steps`` steps of every configuration in turn (all models live in memory at
 once). Per configuration: the median over rounds of the per-step mean, and the ratio to the
 non-private step of the SAME round (median over rounds, min–max = the run-to-run spread).
-After the timed rounds, one more pass over the lazy configuration times its parts
-(``perf_counter`` around the lazy materialisation in the forward pre-hook, the backward pass, the
-engine's per-example clipping, the lazy sparse update and the rest of ``DPOptimizer.step``), and
-the floor's parts on their own. The time to flush all pending noise (needed once before
-release) is reported separately.
+Inside the same rounds, the parts of each step are timed with ``perf_counter`` (forward,
+backward, optimizer step; for lazy also the materialisation in the forward pre-hook, the engine's
+per-example clipping and the lazy sparse update; for the floor its extra unique/randn/scatter;
+on CUDA each part is synchronised) and printed as medians over rounds next to each other.
+The time to flush all pending noise (needed once before release) is reported separately.
 
     python benchmarks/lazydp.py                        # 1M rows, 7 rounds x 10 steps
     python benchmarks/lazydp.py --quick --json out.json
@@ -77,7 +77,8 @@ def build(config: str, rows: int, bags: int, seed: int = 0):
 
 
 class _Timer:
-    """Accumulates wall time per label; wraps bound methods of one object (instance attributes)."""
+    """Wall time per label, for one configuration and round; ``wrap`` times a method of one object
+    (as an instance attribute)."""
 
     def __init__(self, sync):
         self.total = collections.defaultdict(float)
@@ -87,12 +88,7 @@ class _Timer:
         inner = getattr(obj, method)
 
         def timed(*args, **kwargs):
-            self.sync()
-            t0 = time.perf_counter()
-            out = inner(*args, **kwargs)
-            self.sync()
-            self.total[label] += time.perf_counter() - t0
-            return out
+            return self(label, lambda: inner(*args, **kwargs))
         setattr(obj, method, timed)
 
     def __call__(self, label: str, fn):
@@ -104,42 +100,18 @@ class _Timer:
         return out
 
 
-def breakdown(model, opt, batches, loss_fn, sync, device) -> dict:
-    """ms per step of the parts of the lazy step and of its floor (see the module docstring)."""
-    timer = _Timer(sync)
-    lazy = opt._lazy
-    timer.wrap(lazy, "_read", "lazy materialisation (in forward: unique, randn, scatter)")
-    timer.wrap(opt.engine, "accumulate", "engine: per-example clipping (accumulate)")
-    timer.wrap(lazy, "step", "lazy sparse update (clipped rows)")
-    for ids, y in batches:
-        timer("zero_grad", lambda: opt.zero_grad(set_to_none=True))
-        out = timer("forward (total)", lambda: model(ids))
-        loss = timer("forward (total)", lambda: loss_fn(out, y))
-        timer("backward", loss.backward)
-        timer("DPOptimizer.step (total)", opt.step)
-    for attr in ("_read", "step"):
-        del lazy.__dict__[attr]
-    del opt.engine.__dict__["accumulate"]
-    t = {k: 1e3 * v / len(batches) for k, v in timer.total.items()}
-    mat, clip, upd = (t["lazy materialisation (in forward: unique, randn, scatter)"],
-                      t["engine: per-example clipping (accumulate)"], t["lazy sparse update (clipped rows)"])
-    ms = {"zero_grad": t["zero_grad"],
-          "forward (total)": t["forward (total)"],
-          "  lazy materialisation (pre-hook: unique, markers, randn, scatter)": mat,
-          "  embedding + MLP + engine capture hooks": t["forward (total)"] - mat,
-          "backward": t["backward"],
-          "DPOptimizer.step (total)": t["DPOptimizer.step (total)"],
-          "  engine: per-example norms and clipping (accumulate)": clip,
-          "  lazy sparse update of the touched rows": upd,
-          "  dense noise, base SGD step, bookkeeping": t["DPOptimizer.step (total)"] - clip - upd}
-    floor = _Timer(sync)
-    table = model.table.weight.detach().clone()
-    for ids, _ in batches:
-        rows = floor("unique of the ids", lambda: torch.unique(ids))
-        z = floor("randn of the touched rows", lambda: torch.randn(rows.numel(), DIM, device=device))
-        floor("index_add_ of the noise", lambda: table.index_add_(0, rows, z))
-    ms.update({f"floor part: {k}": 1e3 * v / len(batches) for k, v in floor.total.items()})
-    return ms
+PARTS = {  # label -> printed name (indented: a part of the row above)
+    "zero_grad": "zero_grad",
+    "forward": "forward",
+    "lazy read": "  lazy materialisation in the pre-hook (unique, markers, randn, scatter)",
+    "backward": "backward",
+    "step": "optimizer.step",
+    "engine": "  engine: per-example norms and clipping (accumulate)",
+    "lazy step": "  lazy sparse update of the touched rows",
+    "unique": "floor extra: unique of the ids",
+    "randn": "floor extra: randn of the touched rows",
+    "scatter": "floor extra: index_add_ of their noise",
+}
 
 
 def main(argv=None) -> int:
@@ -167,7 +139,7 @@ def main(argv=None) -> int:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     loss_fn = nn.BCEWithLogitsLoss()
     g = torch.Generator().manual_seed(1)
-    n_batches = (args.rounds + 2) * args.steps
+    n_batches = (args.rounds + 1) * args.steps
     batches = [(torch.randint(0, args.rows, (args.bags, IDS_PER_BAG), generator=g).to(device),
                 torch.randint(0, 2, (args.bags,), generator=g).float().to(device)) for _ in range(n_batches)]
     runs = {}
@@ -175,43 +147,55 @@ def main(argv=None) -> int:
         model, opt = build(c, args.rows, args.bags)
         runs[c] = (model.to(device), opt)
 
-    def step(model, opt, ids, y):
-        opt.zero_grad(set_to_none=True)
-        loss_fn(model(ids), y).backward()
-        opt.step()
+    def step(model, opt, ids, y, timer):
+        timer("zero_grad", lambda: opt.zero_grad(set_to_none=True))
+        loss = timer("forward", lambda: loss_fn(model(ids), y))
+        timer("backward", loss.backward)
+        timer("step", opt.step)
 
-    def floor_step(model, opt, ids, y):  # non-private + the noise any lazy scheme draws and writes
-        step(model, opt, ids, y)
-        rows = torch.unique(ids)
+    def floor_step(model, opt, ids, y, timer):  # non-private + the noise any lazy scheme draws and writes
+        step(model, opt, ids, y, timer)
+        rows = timer("unique", lambda: torch.unique(ids))
+        z = timer("randn", lambda: torch.randn(rows.numel(), DIM, device=device))
         with torch.no_grad():
-            model.table.weight.index_add_(0, rows, torch.randn(rows.numel(), DIM, device=device))
+            timer("scatter", lambda: model.table.weight.index_add_(0, rows, z))
 
+    timers = {c: _Timer(sync) for c in configs}
+    if "lazy" in runs:  # the lazy step's parts (a few µs of wrapping per step)
+        _, opt = runs["lazy"]
+        timers["lazy"].wrap(opt._lazy, "_read", "lazy read")
+        timers["lazy"].wrap(opt.engine, "accumulate", "engine")
+        timers["lazy"].wrap(opt._lazy, "step", "lazy step")
     timed = {c: [] for c in configs}
+    parts = {c: collections.defaultdict(list) for c in configs}
     for r in range(args.rounds + 1):  # round 0 is a warm-up
         for c in configs:
             model, opt = runs[c]
             steps = args.eager_steps if c == "eager" else args.steps
             fn = floor_step if c == FLOOR else step
+            timers[c].total.clear()
             sync()
             t0 = time.perf_counter()
             for ids, y in batches[r * args.steps:r * args.steps + steps]:
-                fn(model, opt, ids, y)
+                fn(model, opt, ids, y, timers[c])
             sync()
             if r > 0:
                 timed[c].append((time.perf_counter() - t0) / steps)
+                for label, v in timers[c].total.items():
+                    parts[c][label].append(1e3 * v / steps)
     ms = {c: 1e3 * statistics.median(v) for c, v in timed.items()}
     spread = {c: [1e3 * min(v), 1e3 * max(v)] for c, v in timed.items()}
     ratios = {c: [a / b for a, b in zip(v, timed["non-private"])] for c, v in timed.items()}
     out = {"machine": f"{platform.machine()} {platform.processor() or ''}, {device}, "
                       f"{torch.get_num_threads()} torch threads, torch {torch.__version__}",
            "workload": {"rows": args.rows, "dim": DIM, "bags": args.bags, "ids_per_bag": IDS_PER_BAG,
-                        "rounds": args.rounds, "steps_per_round": args.steps, "eager_steps_per_round": args.eager_steps},
+                        "rounds": args.rounds, "steps_per_round": args.steps,
+                        "eager_steps_per_round": args.eager_steps},
            "ms_per_step": ms, "ms_min_max": spread,
            "ratio_to_non_private": {c: statistics.median(v) for c, v in ratios.items()},
            "ratio_min_max": {c: [min(v), max(v)] for c, v in ratios.items()}}
-    if "lazy" in runs:
-        model, opt = runs["lazy"]
-        out["lazy_breakdown_ms"] = breakdown(model, opt, batches[-args.steps:], loss_fn, sync, device)
+    out["parts_ms"] = {c: {label: statistics.median(v) for label, v in parts[c].items()}
+                       for c in configs if c != "eager"}
     for c in ("lazy", "lazy-keyed"):
         if c in runs:
             sync()
@@ -227,10 +211,13 @@ def main(argv=None) -> int:
         lo, hi = out["ratio_min_max"][c]
         print(f"{c:<58}{ms[c]:>9.2f}{spread[c][0]:>8.1f}-{spread[c][1]:<7.1f}"
               f"{out['ratio_to_non_private'][c]:>15.2f}{lo:>8.2f}-{hi:<5.2f}")
-    if "lazy_breakdown_ms" in out:
-        print(f"\nbreakdown of the lazy step ({args.steps} more steps, ms/step):")
-        for k, v in out["lazy_breakdown_ms"].items():
-            print(f"  {k:<66}{v:>8.3f}")
+    shown = [c for c in ("non-private", "lazy", FLOOR) if c in out["parts_ms"]]
+    print("\nparts of the step, ms (median over rounds; timed inside the same rounds):")
+    print(f"{'':<74}" + "".join(f"{c.split(' (')[0]:>13}" for c in shown))
+    for label, name in PARTS.items():
+        if any(label in out["parts_ms"][c] for c in shown):
+            print(f"{name:<74}" + "".join(f"{out['parts_ms'][c][label]:>13.3f}" if label in out["parts_ms"][c]
+                                          else f"{'':>13}" for c in shown))
     for c, s in out.get("flush_s", {}).items():
         print(f"flush of all pending noise ({c}): {s:.2f} s")
     print(json.dumps(out))

@@ -28,7 +28,6 @@ Adagrad / RMSprop keep non-linear per-coordinate statistics of the NOISY gradien
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn as nn
 
