@@ -68,7 +68,7 @@ returns exactly DP-SGD's event. The feedback term kΔ is reachable when kΔ ≤ 
 keep e saturated along the canary's residual (both worlds feed back the same C2·v while the
 difference accumulates), then a large opposite residual brings both states inside the ball and
 the whole difference kΔ is released in one step. The direct term √k·C1 is not amplified by
-sampling: at Δ → 0 the participation bound needs ≈ 2.6× DP-SGD's σ on the task of
+sampling: at Δ → 0 the participation bound needs σ ≈ 2.95, 3.2× DP-SGD's, on the task of
 docs/dicesgd_dpsgdf.md, which is why the split bound is kept for G close to C1.
 """
 
