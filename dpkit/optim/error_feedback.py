@@ -301,17 +301,18 @@ class ErrorFeedback:
         return [(b * f).to(p.dtype) for f, p in zip(feedback, params)]
 
     def state_dict(self) -> dict:
-        """The hidden error state (PRIVATE data: see the class docstring) and C2."""
-        return {"clip2": self.clip2,
+        """The hidden error state (PRIVATE data: see the class docstring), C2 and G."""
+        return {"clip2": self.clip2, "gradient_bound": self.gradient_bound,
                 "error": None if self.error is None else [e.detach().clone() for e in self.error]}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict` output; C2 must match."""
+        """Restore :meth:`state_dict` output; C2 and G must match (a state without G has none)."""
         if not isinstance(state, dict) or "error" not in state or "clip2" not in state:
             raise ValueError("state must be a dict from ErrorFeedback.state_dict()")
-        if state["clip2"] != self.clip2:
-            raise ValueError(f"state was saved with clip2={state['clip2']}; this ErrorFeedback has "
-                             f"clip2={self.clip2}")
+        for key in ("clip2", "gradient_bound"):
+            if state.get(key) != getattr(self, key):
+                raise ValueError(f"state was saved with {key}={state.get(key)}; this ErrorFeedback has "
+                                 f"{key}={getattr(self, key)}")
         self.error = None if state["error"] is None else [e.clone() for e in state["error"]]
 
 

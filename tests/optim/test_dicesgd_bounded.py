@@ -335,3 +335,14 @@ def test_replace_one_optimizer_is_refused_at_attach():
                       accountant=make_accountant("rdp", neighboring_relation="replace_one"))
     with pytest.raises(ValueError, match="add/remove"):
         attach_error_feedback(opt, clip2=0.1, sampling_prob=0.25, gradient_bound=2.0)
+
+
+def test_error_state_checkpoint_records_the_gradient_bound():
+    fb = attach_error_feedback(_optimizer(nn.Linear(3, 1), clip1=1.0, batch=4), clip2=0.1, sampling_prob=0.25,
+                               gradient_bound=2.0)
+    state = fb.state_dict()
+    assert state["gradient_bound"] == 2.0
+    other = attach_error_feedback(_optimizer(nn.Linear(3, 1), clip1=1.0, batch=4), clip2=0.1, sampling_prob=0.25)
+    with pytest.raises(ValueError, match="gradient_bound=2.0"):
+        other.load_state_dict(state)
+    fb.load_state_dict(state)
