@@ -41,7 +41,8 @@ FLUSH_CHUNK_ROWS = 1 << 15  # rows materialised at once by flush(): bounds its e
 class _Table:
     """One lazy embedding weight: its module, name, history and per-row step markers.
 
-    ``det[r]``: the step up to which row r's deterministic part (decay and gradients) is applied.
+    ``det[r]``: the step up to which row r's deterministic part (decay and gradients) is applied
+    (steps without weight decay may be left out: their decay factor is exactly 1).
     ``noised[r]``: the step up to which row r's noise is applied; ``noised ≤ det``.
     """
 
@@ -263,12 +264,12 @@ class LazyEmbeddingNoise:
             if wd == 0.0:
                 # w −= η/B̄ · Σ clipped rows. Without decay the update and the pending noise are
                 # both plain additions: they commute, so no catch-up of the rows is needed here,
-                # and index_add_ sums repeated rows itself (no sort and merge)
+                # and index_add_ sums repeated rows itself (no sort and merge); ``det`` may stay
+                # behind by this step (its decay factor is exactly 1)
                 rows, sums = _clipped_rows(engine, table.weight)
                 if rows.numel():
                     step = sums.to(table.weight.dtype).mul(-lr / self.expected_batch_size)
                     table.weight.index_add_(0, rows, step)  # no alpha: CPU index_add_ with alpha is ~3x slower
-                    table.det.index_fill_(0, rows, t + 1)
                 continue
             rows, sums = engine.sparse_clipped_rows(table.weight)  # unique rows: decay once each
             if rows.numel():

@@ -117,6 +117,25 @@ def test_momentum_lazy_equals_eager_jointly(wd, schedule):
         torch.testing.assert_close(opt_l._lazy.tables[id(module.weight)].momentum, buf, rtol=1e-12, atol=1e-12)
 
 
+def test_weight_decay_switched_on_and_off_mid_run_equals_eager():
+    """Steps without decay take the no-merge update (rows' markers only); decay switched on later
+    must still decay and noise every row exactly as eager DP-SGD, and switched off again too."""
+    batches = _batches(9)
+    runs = []
+    for mode in ("eager", "lazy"):
+        model, opt, _ = _setup(mode)
+        for t, batch in enumerate(batches):
+            for group in opt.param_groups:
+                group["weight_decay"] = 0.3 if 3 <= t < 6 else 0.0
+            _train(model, opt, None, [batch])
+        runs.append((model, opt))
+    (eager, _), (lazy, opt_l) = runs
+    assert opt_l._lazy.pending()
+    e, l_ = eager.state_dict(), lazy.state_dict()
+    for name in e:
+        torch.testing.assert_close(l_[name], e[name], rtol=1e-12, atol=1e-12, msg=name)
+
+
 def test_per_sample_engine_lazy_equals_eager():
     batches = _batches(5)
     eager, opt_e, _ = _setup("eager", wd=0.2, clipping="per_sample")
