@@ -346,3 +346,35 @@ def test_error_state_checkpoint_records_the_gradient_bound():
     with pytest.raises(ValueError, match="gradient_bound=2.0"):
         other.load_state_dict(state)
     fb.load_state_dict(state)
+
+
+def test_second_clip_accumulates_over_virtual_batches_and_resets_between_steps():
+    torch.manual_seed(1)
+    x = torch.randn(10, 4, dtype=torch.float64) * 20.0
+    y = torch.randn(10, 1, dtype=torch.float64)
+    errors = []
+    for chunks in ((slice(0, 10),), (slice(0, 4), slice(4, 10))):
+        torch.manual_seed(2)
+        model = nn.Linear(4, 1).double()
+        opt = _optimizer(model, clip1=1.0, batch=10.0)
+        fb = attach_error_feedback(opt, clip2=1e3, sampling_prob=0.25, gradient_bound=3.0)
+        for _ in range(2):  # two logical steps: the second must not see the first's residuals twice
+            for i, part in enumerate(chunks):
+                nn.functional.mse_loss(model(x[part]), y[part], reduction="sum").backward()
+                opt.signal_skip_step(i < len(chunks) - 1)
+                opt.step()
+            opt.zero_grad()
+        errors.append([e.clone() for e in fb.error])
+    for a, b in zip(*errors):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # C2 huge: e_2 = e_1 − e_1 + r/B̄ = r/B̄ (lr = 0: the same residual r both steps)
+    torch.manual_seed(2)
+    model = nn.Linear(4, 1).double()
+    r = torch.zeros(5, dtype=torch.float64)
+    for i in range(10):
+        model.zero_grad()
+        nn.functional.mse_loss(model(x[i:i + 1]), y[i:i + 1], reduction="sum").backward()
+        g = torch.cat([model.weight.grad.flatten(), model.bias.grad])
+        n = float(g.norm())
+        r += g * (min(1.0, 3.0 / n) - min(1.0, 1.0 / n))
+    torch.testing.assert_close(torch.cat([e.flatten() for e in errors[0]]) * 10.0, r, rtol=1e-9, atol=1e-10)
