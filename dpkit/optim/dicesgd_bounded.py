@@ -295,8 +295,8 @@ def calibrate_bounded_dicesgd_noise(target_epsilon, target_delta, sampling_prob,
 class BoundedDiceSGDAccountant(Accountant):
     """The ledger of a DiceSGD run with an enforced gradient bound (add/remove neighbours only).
 
-    Each step is recorded as the DP-SGD event of its (q, σ) (``dpsgd_event(σ, q)``: a record of the
-    rate and noise, NOT its privacy): ``epsilon``/``delta`` apply the module theorem and the
+    Each step is recorded as ``ComposedDpEvent([dpsgd_event(σ, q)])`` (or the bare DP-SGD event): a
+    record of the rate and noise, NOT its privacy. ``epsilon``/``delta`` apply the module theorem and the
     truncated split bound to the whole run of T steps with the configured C1, C2, G, B̄. Only one
     (q, σ) per run (the theorem is for a constant σ and rate).
 
@@ -323,6 +323,8 @@ class BoundedDiceSGDAccountant(Accountant):
 
     @staticmethod
     def _rate_and_sigma(event):
+        if isinstance(event, _dpe.ComposedDpEvent) and len(event.events) == 1:
+            event = event.events[0]
         if isinstance(event, _dpe.PoissonSampledDpEvent) and isinstance(event.event, _dpe.GaussianDpEvent):
             return event.sampling_probability, event.event.noise_multiplier
         if isinstance(event, _dpe.GaussianDpEvent):

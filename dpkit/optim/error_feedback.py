@@ -459,8 +459,9 @@ def _attach_bounded(optimizer, clip2, q, gradient_bound, noise_split, calibratio
     else:
         sigma = optimizer.noise_multiplier
     feedback = ErrorFeedback(optimizer, clip2=clip2, gradient_bound=g)
-    # the step event records (q, σ); the bounded accountant turns the run into ε (module theorem)
-    optimizer._recalibrate(sigma, dpsgd_event(sigma, q, 1))
+    # the step event records (q, σ) (wrapped, so the optimizer does not mistake the run for plain DP-SGD,
+    # e.g. when batches are accumulated); the bounded accountant turns the run into ε (module theorem)
+    optimizer._recalibrate(sigma, _dpe.ComposedDpEvent([dpsgd_event(sigma, q, 1)]))
     if optimizer.accountant is not None:
         bounded = BoundedDiceSGDAccountant(split_accountant=split, neighboring_relation=
                                            optimizer.accountant.neighboring_relation, **kw)

@@ -378,3 +378,21 @@ def test_second_clip_accumulates_over_virtual_batches_and_resets_between_steps()
         n = float(g.norm())
         r += g * (min(1.0, 3.0 / n) - min(1.0, 1.0 / n))
     torch.testing.assert_close(torch.cat([e.flatten() for e in errors[0]]) * 10.0, r, rtol=1e-9, atol=1e-10)
+
+
+def test_accumulating_poisson_batches_is_refused_not_misaccounted():
+    from dpkit.errors import AmbiguousStepError
+
+    x, y = torch.randn(40, 3), torch.randn(40, 1)
+    model = nn.Linear(3, 1)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    model, opt, loader = dpkit.make_private(model, torch.optim.SGD(model.parameters(), lr=0.05), loader,
+                                            max_grad_norm=1.0, noise_multiplier=5.0,
+                                            error_feedback={"clip2": 0.1, "gradient_bound": 1.5},
+                                            generator=torch.Generator().manual_seed(1))
+    batches = iter(loader)
+    for _ in range(2):  # two Poisson batches summed into one step
+        xb, yb = next(batches)
+        nn.functional.mse_loss(model(xb), yb).backward()
+    with pytest.raises(AmbiguousStepError, match="other than plain DP-SGD"):
+        opt.step()
