@@ -1,6 +1,7 @@
 """BK benchmark: non-private PyTorch vs dpkit BK vs dpkit per-sample engine vs Opacus hooks/ghost.
 
     python benchmarks/bk.py [--models lm,cnn,resnet18] [--rounds 5] [--json] [--no-memory]
+    python benchmarks/bk.py --models cnn --threads 1 --profile   # where the extra time goes
 
 (a) ``lm``: transformer-like LM, vocab 5000, width 256, 2 blocks (LayerNorm, Linear-projection
 attention, MLP), sequence 64, batch 32, tied-free output layer; (b) ``cnn``: small CNN (3 conv +
@@ -179,6 +180,30 @@ def summarise(title, wall, cpu, memory, *, json_out):
     return rows
 
 
+def profile_ops(model_name, configs=("non-private", "dpkit-bk"), steps=5, top=15):
+    """Per-step self time of the heaviest operators in each configuration, side by side (torch
+    profiler, CPU): where the private step's extra time goes."""
+    title, model_fn, batch_fn, loss_fn = MODELS[model_name]
+    torch.manual_seed(0)
+    batch = batch_fn()
+    per_config = {}
+    for c in configs:
+        step = H.make_step(c, model_fn, batch, loss_fn)
+        for _ in range(2):
+            step()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                step()
+        per_config[c] = {e.key: e.self_cpu_time_total / 1000 / steps for e in prof.key_averages()}
+    names = sorted({k for v in per_config.values() for k in v},
+                   key=lambda k: -max(v.get(k, 0.0) for v in per_config.values()))[:top]
+    print(f"\nper-step self time, ms ({title}; {H.machine()})")
+    print(f"{'operator':<44}" + "".join(f"{c:>18}" for c in configs))
+    for k in names:
+        print(f"{k[:43]:<44}" + "".join(f"{per_config[c].get(k, 0.0):>18.2f}" for c in configs))
+    print(f"{'total':<44}" + "".join(f"{sum(per_config[c].values()):>18.2f}" for c in configs))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="lm,cnn,resnet18")
@@ -189,6 +214,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--profile", action="store_true",
+                    help="print per-operator self times of non-private vs dpkit-bk instead of timing")
     args = ap.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -196,6 +223,10 @@ def main(argv=None):
     unknown = [m for m in args.models.split(",") if m not in MODELS]
     if unknown:
         ap.error(f"--models: unknown {unknown}; choose from {sorted(MODELS)}")
+    if args.profile:
+        for name in args.models.split(","):
+            profile_ops(name)
+        return {}
     results = {}
     for name in args.models.split(","):
         title, model_fn, batch_fn, loss_fn = MODELS[name]

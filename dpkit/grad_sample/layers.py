@@ -250,7 +250,8 @@ class GroupNormRule(_NormRule):
             _, mean, rstd = torch.native_group_norm(x, None, None, B, C, L, G, module.eps)  # (B, G)
             if not bool((mean.abs() * rstd).max() <= self.max_mean_over_std):
                 return super().per_sample_grads(module, x, grad_output)
-            g_x = torch.einsum("bcl,bcl->bc", g, x.reshape(B, C, L)).view(B, G, C // G)
+            # vecdot: one fused multiply-reduce (einsum lowers this to B·C tiny GEMVs, ≈4× slower)
+            g_x = torch.linalg.vecdot(g, x.reshape(B, C, L)).view(B, G, C // G)
             w = (g_x - mean.unsqueeze(2) * g_sum.view(B, G, C // G)) * rstd.unsqueeze(2)
             out["weight"] = w.reshape(B, C)
         if _trainable(getattr(module, "bias", None)):
