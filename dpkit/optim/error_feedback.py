@@ -275,6 +275,10 @@ class ErrorFeedback:
     def __init__(self, optimizer: DPOptimizer, *, clip2: float, gradient_bound=None):
         self.optimizer = optimizer
         self.clip2 = V.non_negative("clip2", clip2)
+        if gradient_bound is not None:
+            from dpkit.optim.dicesgd_bounded import validate_gradient_bound
+
+            gradient_bound = validate_gradient_bound(gradient_bound, optimizer.engine.max_grad_norm)
         self.gradient_bound = gradient_bound
         self._bounded = None if gradient_bound is None else _BoundedResiduals(optimizer.engine, gradient_bound)
         self.error: list[torch.Tensor] | None = None
@@ -454,20 +458,23 @@ def _attach_bounded(optimizer, clip2, q, gradient_bound, noise_split, calibratio
                              f"optimizer's accountant is {split!r}")
     kw = dict(clip1=optimizer.max_grad_norm, clip2=clip2, gradient_bound=g,
               expected_batch_size=optimizer.expected_batch_size)
+    bounded = None
+    if optimizer.accountant is not None:
+        bounded = BoundedDiceSGDAccountant(split_accountant=split, neighboring_relation=
+                                           optimizer.accountant.neighboring_relation, **kw)
+        if not bounded.supports(dpsgd_event(1.0, q, 1)):
+            raise ValueError("gradient_bound is accounted under add/remove neighbours only; build the "
+                             "optimizer with an add_remove accountant")
     if optimizer.target is not None and optimizer.max_steps is not None:
         sigma = calibrate_bounded_dicesgd_noise(*optimizer.target, q, optimizer.max_steps, accountant=split, **kw)
     else:
         sigma = optimizer.noise_multiplier
+    # every check passed: only now touch the optimizer and its engine
     feedback = ErrorFeedback(optimizer, clip2=clip2, gradient_bound=g)
     # the step event records (q, σ) (wrapped, so the optimizer does not mistake the run for plain DP-SGD,
     # e.g. when batches are accumulated); the bounded accountant turns the run into ε (module theorem)
     optimizer._recalibrate(sigma, _dpe.ComposedDpEvent([dpsgd_event(sigma, q, 1)]))
-    if optimizer.accountant is not None:
-        bounded = BoundedDiceSGDAccountant(split_accountant=split, neighboring_relation=
-                                           optimizer.accountant.neighboring_relation, **kw)
-        if not bounded.supports(optimizer.step_event):
-            raise ValueError("gradient_bound is accounted under add/remove neighbours only; build the "
-                             "optimizer with an add_remove accountant")
+    if bounded is not None:
         optimizer.accountant = bounded
     optimizer.register_contribution_hook(feedback)
     return feedback

@@ -335,6 +335,9 @@ def test_replace_one_optimizer_is_refused_at_attach():
                       accountant=make_accountant("rdp", neighboring_relation="replace_one"))
     with pytest.raises(ValueError, match="add/remove"):
         attach_error_feedback(opt, clip2=0.1, sampling_prob=0.25, gradient_bound=2.0)
+    # refused before anything was changed: the optimizer still works as built
+    assert opt.step_event == dpsgd_event(1.0, 0.25) and not opt._contribution_hooks
+    assert "_clip_factors" not in vars(engine)
 
 
 def test_error_state_checkpoint_records_the_gradient_bound():
