@@ -248,9 +248,9 @@ class LazyEmbeddingNoise:
     def step(self, engine) -> None:
         """Sparse SGD update of every lazy table for the logical step ``self.steps``.
 
-        Touched rows receive the step's decay and clipped-gradient update (with decay or
-        momentum they are first brought to the current step, normally done by the forward
-        pre-hook already); their noise for this step stays pending like every other row's.
+        Touched rows receive the step's decay and clipped-gradient update (once weight decay or
+        momentum is in play they are first brought to the current step, normally done by the
+        forward pre-hook already); their noise for this step stays pending like every other row's.
 
         Call :meth:`prepare` first.
         """
@@ -261,11 +261,11 @@ class LazyEmbeddingNoise:
                 self._step_momentum(table, *engine.sparse_clipped_rows(table.weight), t)
                 continue
             table.history.append(lr, wd)
-            if wd == 0.0:
-                # w −= η/B̄ · Σ clipped rows. Without decay the update and the pending noise are
-                # both plain additions: they commute, so no catch-up of the rows is needed here,
-                # and index_add_ sums repeated rows itself (no sort and merge); ``det`` may stay
-                # behind by this step (its decay factor is exactly 1)
+            if not table.history.decays:
+                # w −= η/B̄ · Σ clipped rows. No step since the history's base decays, so the
+                # update and the pending noise are plain additions that commute (no catch-up of
+                # the rows needed), index_add_ sums repeated rows itself (no sort and merge), and
+                # ``det`` may stay behind (every decay factor up to here is exactly 1)
                 rows, sums = _clipped_rows(engine, table.weight)
                 if rows.numel():
                     step = sums.to(table.weight.dtype).mul(-lr / self.expected_batch_size)
