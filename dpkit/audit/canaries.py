@@ -15,15 +15,16 @@ null. Optimizers that rescale coordinates (Adam, RMSprop) distort the directions
 or without momentum) for audits.
 
 Cost: a step sums the directions of the ≈ q·m sampled canaries, k·d float32 reads (memory-
-bound): for d ≤ 65,536 or on an accelerator in ONE fused ``embedding_bag`` call over d/1024
-column chunks (no per-canary Python loop, no (k × d) gather copy), for larger d on CPU as k
-streaming row adds. That read is the floor of an exact in-run audit with dense
-isotropic directions: overhead ≈ q·m·d·4 bytes / memory bandwidth, against a step whose cost grows
-with batch·d (see docs/auditing.md). Memory: only the m inserted directions are kept (float32, on
-the parameters' device); the unseen ones are regenerated from the seed when scored. Directions
+bound). For d ≤ 65,536 or on an accelerator, the sums of a block of up to 64 steps come from ONE
+``embedding_bag`` call over d/1024 column chunks (no per-canary Python loop, no (k × d) gather
+copy, launch costs paid once per block); for larger d on CPU, as k streaming row adds per step.
+That read is the floor of an exact in-run audit with dense isotropic directions: overhead ≈
+q·m·d·4 bytes / memory bandwidth, against a step whose cost grows with batch·d (see
+docs/auditing.md). Memory: only the m inserted directions are kept (float32, on the parameters'
+device; plus ≤ 16 MiB of block sums); the unseen ones are regenerated from the seed when scored. Directions
 come from :func:`dpkit.audit.canary_directions` (counter-based from (seed, canary index)), so the
 audit can be redone offline from the seed. The canaries' inclusion coins of logical step t are
-keyed by (seed, t) too, so an auditor restored with :meth:`CanaryAuditor.load_state_dict` next to
+keyed by (seed, ⌊t/64⌋) (row t mod 64 of that block's draw), so an auditor restored with :meth:`CanaryAuditor.load_state_dict` next to
 a resumed optimizer draws exactly what an uninterrupted run draws.
 
 Randomness: the seed defaults to OS entropy. It is audit randomness, not privacy noise of the
@@ -51,6 +52,7 @@ _CHUNK = 1024  # columns per embedding_bag bag: d/1024 bags spread over threads,
 # 4 KiB chunk and ran 1.7x slower at d = 203,530 (benchmarks/audit_overhead.py machine).
 _ROW_ADD_MIN_DIM = 65536
 _MASK_BLOCK = 64  # steps whose canary coins are drawn together
+_SUM_BUDGET = 1 << 22  # floats (16 MiB) of canary sums precomputed for a block of up to 64 steps
 _SCORE_BLOCK = 256  # unseen directions regenerated this many at a time when scoring
 
 
@@ -115,6 +117,7 @@ class CanaryAuditor:
                              f"parameters ({self.dim}); got {total}")
         self._directions = self._make_directions(params[0].device)
         self._mask_block = (-1, None)  # (block index, its (64, m) coins)
+        self._sums = (-1, None)  # (first step, Σ_{sampled j} u_j of each step of its sum block)
         self._theta0 = self._flat(params).clone()
         self.inclusions = np.zeros(self.num_canaries, dtype=np.int64)  # times each was sampled
         self._handle = optimizer.register_contribution_hook(self._contribute)
@@ -123,6 +126,8 @@ class CanaryAuditor:
         """Inserted directions as a zero-padded (m, c·1024) table: its (m·c, 1024) view has chunk r
         of canary j at row j·c + r, so one embedding_bag with c bags sums k canaries."""
         self._chunks = -(-self.dim // _CHUNK)
+        # steps per sum block: a power of two ≤ 64 (so blocks nest in the coin blocks) within budget
+        self._sum_steps = 1 << min(6, max(1, _SUM_BUDGET // (self._chunks * _CHUNK)).bit_length() - 1)
         self._chunk_ids = torch.arange(self._chunks, device=device).unsqueeze(1)
         table = torch.zeros(self.num_canaries, self._chunks * _CHUNK, dtype=torch.float32, device=device)
         table[:, :self.dim] = torch.from_numpy(
@@ -144,6 +149,28 @@ class CanaryAuditor:
     def _flat(params) -> torch.Tensor:
         return torch.cat([p.detach().reshape(-1).float() for p in params])
 
+    def _canary_sums(self, step: int) -> torch.Tensor:
+        """Σ_{sampled j} u_j of ``step``, from sums computed for its whole block of ``_sum_steps``
+        steps by ONE embedding_bag (launch and index costs paid once per block; the sums depend
+        only on the seed, never on the data). Bag (s, r) is column chunk r of the canaries
+        sampled at step s: rows j·c + r of the (m·c, 1024) view of the table."""
+        n, step = self._sum_steps, int(step)
+        first = step - step % n
+        if self._sums[0] != first:
+            coins = np.stack([self._inclusion_mask(t) for t in range(first, first + n)])
+            t, j = np.nonzero(coins)  # sorted by step
+            counts = np.bincount(t, minlength=n)
+            starts = np.cumsum(counts) - counts
+            c, r = self._chunks, np.arange(self._chunks)[:, None]
+            rows = np.empty(t.size * c, dtype=np.int64)
+            rows[starts[t] * c + r * counts[t] + np.arange(t.size) - starts[t]] = j * c + r
+            offsets = (starts[:, None] * c + r.T * counts[:, None]).reshape(-1)  # empty bags sum to 0
+            table = self._directions
+            sums = F.embedding_bag(torch.from_numpy(rows).to(table.device), table.view(-1, _CHUNK),
+                                   torch.from_numpy(offsets).to(table.device), mode="sum")
+            self._sums = (first, sums.view(n, -1))
+        return self._sums[1][step - first]
+
     def _contribute(self, step, params):
         """Contribution hook: C · Σ_{sampled j} u_j, split into parameter shapes (or None)."""
         if [p.shape for p in params] != self._shapes:
@@ -155,18 +182,14 @@ class CanaryAuditor:
         if not mask.any():
             return None
         self.inclusions += mask
-        table = self._directions
+        table, clip = self._directions, float(self._optimizer.max_grad_norm)
         if self.dim > _ROW_ADD_MIN_DIM and table.device.type == "cpu":
             flat = torch.zeros(table.shape[1], dtype=table.dtype)
             for j in np.flatnonzero(mask).tolist():
                 flat.add_(table[j])
+            flat.mul_(clip)  # C·u_j: each canary at the clip bound
         else:
-            idx = torch.from_numpy(np.flatnonzero(mask)).to(table.device)
-            rows = (idx * self._chunks + self._chunk_ids).reshape(-1)  # bag r: chunk r of each j
-            offsets = torch.arange(0, rows.numel(), idx.numel(), device=table.device)
-            # no per_sample_weights: that kernel ran 1.4x slower than this sum plus one scaling pass
-            flat = F.embedding_bag(rows, table.view(-1, _CHUNK), offsets, mode="sum").reshape(-1)
-        flat.mul_(float(self._optimizer.max_grad_norm))  # C·u_j: each canary at the clip bound
+            flat = self._canary_sums(step) * clip  # out of place: the block's sums stay unscaled
         out, start = [], 0
         for p, shape in zip(params, self._shapes):
             n = p.numel()
@@ -196,7 +219,7 @@ class CanaryAuditor:
                 raise ValueError(f"state was saved with {key}={state[key]!r}; this auditor has "
                                  f"{key}={getattr(self, key)!r}: build it with the same settings")
         self.seed = int(state["seed"])
-        self._mask_block = (-1, None)
+        self._mask_block, self._sums = (-1, None), (-1, None)
         self._directions = self._make_directions(self._directions.device)
         self._theta0 = torch.as_tensor(state["theta0"]).to(self._theta0.device, self._theta0.dtype).clone()
         self.inclusions = torch.as_tensor(state["inclusions"]).numpy().astype(np.int64)
