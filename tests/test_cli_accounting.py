@@ -216,6 +216,23 @@ def test_dicesgd_equals_python_api(capsys):
     assert cal["noise_multiplier"] == pytest.approx(sigma, rel=2e-3) and cal["epsilon"] <= 3.0
 
 
+def test_dicesgd_gradient_bound_equals_python_api(capsys):
+    pytest.importorskip("torch")
+    from dpkit.optim.dicesgd_bounded import bounded_dicesgd_epsilon, calibrate_bounded_dicesgd_noise
+
+    common = ["--sampling-rate", "0.05", "--steps", "200", "--delta", "1e-5", "--clip2", "0.005",
+              "--expected-batch-size", "200", "--gradient-bound", "1.5"]
+    data = _cli(capsys, "epsilon", "--mechanism", "dicesgd", "--noise-multiplier", "8", *common)
+    ref = bounded_dicesgd_epsilon(8.0, 0.05, 200, 1e-5, clip1=1.0, clip2=0.005, gradient_bound=1.5,
+                                  expected_batch_size=200)
+    assert data["epsilon"] == pytest.approx(ref, rel=1e-12) and data["gradient_bound"] == 1.5
+    assert data["method"]["method"] == "dicesgd-bounded"
+    cal = _cli(capsys, "calibrate", "--mechanism", "dicesgd", "--target-epsilon", "4", *common)
+    sigma = calibrate_bounded_dicesgd_noise(4.0, 1e-5, 0.05, 200, clip1=1.0, clip2=0.005,
+                                            gradient_bound=1.5, expected_batch_size=200)
+    assert cal["noise_multiplier"] == pytest.approx(sigma, rel=2e-3) and cal["epsilon"] <= 4.0
+
+
 def test_bandmf_cyclic_is_dpsgd_over_the_group_steps(capsys):
     """Amplified BandMF (NeurIPS 2023, Thm 4): column-normalised C => DP-SGD with ceil(n/b) steps."""
     data = _cli(capsys, "epsilon", "--mechanism", "bandmf", "--bands", "4", "--sampling-rate", "0.05",
@@ -283,6 +300,11 @@ BASE = ["epsilon", "--noise-multiplier", "1", "--delta", "1e-5"]
              "--expected-batch-size", "5"], "--clip2"),
     (BASE + ["--mechanism", "dicesgd", "--sampling-rate", "0.1", "--steps", "10", "--clip2", "1",
              "--expected-batch-size", "5", "--noise-split", "1"], "--noise-split"),
+    (BASE + ["--mechanism", "dicesgd", "--sampling-rate", "0.1", "--steps", "10", "--clip2", "1",
+             "--expected-batch-size", "5", "--gradient-bound", "0.5"], "--gradient-bound"),
+    (BASE + ["--mechanism", "dicesgd", "--sampling-rate", "0.1", "--steps", "10", "--clip2", "1",
+             "--expected-batch-size", "5", "--gradient-bound", "2", "--noise-split", "0.5"], "--noise-split"),
+    (BASE + ["--sampling-rate", "0.1", "--steps", "10", "--gradient-bound", "2"], "--gradient-bound"),
     (BASE + ["--mechanism", "fedavg", "--num-clients", "100", "--rounds", "10"], "--clients-per-round"),
     (BASE + ["--mechanism", "fedavg", "--num-clients", "100", "--clients-per-round", "200", "--rounds", "10"],
      "--clients-per-round"),

@@ -9,7 +9,10 @@ fedavg      DP-FedAvg, user level: ``dpsgd_event(z, q, R)`` with q = clients per
             and R rounds, as ``DPFedAvg.step_event`` composes per round (McMahan et al., ICLR 2018)
 dicesgd     DiceSGD's per-step event ``Composed[Poisson(q, Gaussian(σ√f)), Gaussian(σC1√(1−f)/(2B̄C2))]``
             (Zhang et al., ICLR 2024; the split f = qC1/(qC1 + 2B̄C2) of
-            ``dpkit.optim.error_feedback``, re-derived here so that the CLI stays torch-free)
+            ``dpkit.optim.error_feedback``, re-derived here so that the CLI stays torch-free);
+            with ``--gradient-bound G`` the enforced-bound account
+            ``dpkit.optim.dicesgd_bounded.bounded_dicesgd_epsilon`` (per-example gradients clipped at
+            G ≥ C1 before C1, as ``error_feedback={"gradient_bound": G}`` trains)
 bandmf      amplified BandMF with cyclic Poisson sampling over ``--bands`` groups (Choquette-Choo
             et al., NeurIPS 2023, Thm. 4: ``banded_amplified_epsilon``), or, with
             ``--participation``, the unamplified Gaussian of the column-normalised banded encoder
@@ -36,7 +39,7 @@ _MATRIX = ("bandmf", "tree", "blt")
 _ACCEPTS = {
     "dpsgd": set(),
     "fedavg": {"num_clients", "clients_per_round", "rounds"},
-    "dicesgd": {"clip1", "clip2", "expected_batch_size", "noise_split"},
+    "dicesgd": {"clip1", "clip2", "expected_batch_size", "noise_split", "gradient_bound"},
     "bandmf": {"bands", "participation", "min_separation", "max_participations"},
     "tree": {"participation", "min_separation", "max_participations"},
     "blt": {"participation", "min_separation", "max_participations", "buffers"},
@@ -44,7 +47,7 @@ _ACCEPTS = {
 }
 _FLAG = {name: "--" + name.replace("_", "-") for name in
          ("num_clients", "clients_per_round", "rounds", "clip1", "clip2", "expected_batch_size",
-          "noise_split", "bands", "participation", "min_separation", "max_participations", "buffers",
+          "noise_split", "gradient_bound", "bands", "participation", "min_separation", "max_participations", "buffers",
           "variant")}
 _LARGEST_MATRIX = 4096  # encoders are dense n×n (BLT is optimised): larger n would take minutes
 
@@ -63,6 +66,8 @@ def add_flags(parser) -> None:
     group.add_argument("--expected-batch-size", type=num, metavar="B",
                        help="dicesgd: public normaliser B (default: --batch-size in the epochs form)")
     group.add_argument("--noise-split", type=num, metavar="F", help="dicesgd: noise variance fraction f")
+    group.add_argument("--gradient-bound", type=num, metavar="G",
+                       help="dicesgd: enforced per-example gradient bound G >= C1 (second clip)")
     group.add_argument("--bands", type=num, metavar="b", help="bandmf: bands = cyclic sampling groups")
     group.add_argument("--participation", choices=("single", "min-separation"),
                        help="bandmf/tree/blt: participation pattern (unamplified account)")
@@ -92,6 +97,9 @@ def check_combination(mechanism: str, args) -> None:
         raise ValueError(f"{_FLAG[extra[0]]} does not apply to --mechanism {mechanism}")
     if mechanism == "dicesgd" and args.clip2 is None:
         raise ValueError("--mechanism dicesgd needs --clip2 (the error-feedback threshold C2 > 0)")
+    if mechanism == "dicesgd" and args.gradient_bound is not None and args.noise_split is not None:
+        raise ValueError("--noise-split does not apply with --gradient-bound (its account chooses the "
+                         "split itself)")
     if mechanism == "fedavg":
         fed = [args.num_clients, args.clients_per_round, args.rounds]
         if any(v is not None for v in fed) and any(v is None for v in fed):
@@ -163,6 +171,21 @@ def build(mechanism: str, args, sched: dict, delta: float, accountant: str):
             raise ValueError("--mechanism dicesgd needs --expected-batch-size with --sampling-rate/--steps")
         split = None if args.noise_split is None else V.probability("--noise-split", args.noise_split,
                                                                      allow_one=False)
+
+        if args.gradient_bound is not None:
+            bound = V.positive("--gradient-bound", args.gradient_bound)
+            if bound < clip1:
+                raise ValueError(f"--gradient-bound must be >= --clip1 ({clip1:g}); got {bound:g}")
+
+            def bounded(sigma):
+                # imports torch through dpkit.optim, like admm below
+                from dpkit.optim.dicesgd_bounded import bounded_dicesgd_epsilon
+
+                return bounded_dicesgd_epsilon(sigma, q, steps, delta, clip1=clip1, clip2=clip2,
+                                               gradient_bound=bound, expected_batch_size=batch,
+                                               accountant=accountant), {"method": "dicesgd-bounded"}
+            return bounded, {"clip1": clip1, "clip2": clip2, "expected_batch_size": batch,
+                             "gradient_bound": bound}
 
         def dice(sigma):
             event = dicesgd_event(sigma, q, steps, clip1=clip1, clip2=clip2, batch=batch, split=split)
