@@ -1,6 +1,8 @@
 """In-run audit overhead: DP-SGD step time with and without gradient canaries, one process.
 
-    python benchmarks/audit_overhead.py [--canaries 1000] [--rounds 7] [--threads 1] [--json]   (--json: the JSON line only)
+    python benchmarks/audit_overhead.py [--canaries 1000] [--rounds 7] [--threads 1] [--json]
+
+(the ratio table, then its JSON line; ``--json``: the JSON line only).
 
 Model: the MLP of ``dpkit demo`` (64→64→10) and a wider one (784→256→10), batch 128, q = 0.05, SGD;
 the same DP-SGD run is timed with no canaries and with ``CanaryAuditor`` (canary directions sampled
@@ -101,7 +103,8 @@ def main(argv=None):
         for r in rows:
             spread = f"{100 * r['overhead_min']:.1f}% – {100 * r['overhead_max']:.1f}%"
             print(f"{r['model']:<12}{r['dim']:>8}{r['step_ms']:>11.2f}{r['audited_step_ms']:>11.2f}"
-                  f"{100 * r['overhead']:>9.1f}%{spread:>18}{100 * r['overhead_of_fastest']:>8.1f}%{r['hook_ms']:>9.3f}{r['read_kd_ms']:>13.3f}")
+                  f"{100 * r['overhead']:>9.1f}%{spread:>18}{100 * r['overhead_of_fastest']:>8.1f}%"
+                  f"{r['hook_ms']:>9.3f}{r['read_kd_ms']:>13.3f}")
     print(json.dumps(out))
     return rows
 

@@ -24,8 +24,9 @@ docs/auditing.md). Memory: only the m inserted directions are kept (float32, on 
 device; plus ≤ 16 MiB of block sums); the unseen ones are regenerated from the seed when scored. Directions
 come from :func:`dpkit.audit.canary_directions` (counter-based from (seed, canary index)), so the
 audit can be redone offline from the seed. The canaries' inclusion coins of logical step t are
-keyed by (seed, ⌊t/64⌋) (row t mod 64 of that block's draw), so an auditor restored with :meth:`CanaryAuditor.load_state_dict` next to
-a resumed optimizer draws exactly what an uninterrupted run draws.
+keyed by (seed, ⌊t/64⌋) (row t mod 64 of that block's draw), so an auditor restored with
+:meth:`CanaryAuditor.load_state_dict` next to a resumed optimizer draws exactly what an
+uninterrupted run draws.
 
 Randomness: the seed defaults to OS entropy. It is audit randomness, not privacy noise of the
 real examples (they are protected by the optimizer's noise whatever the canaries are), so an
@@ -239,9 +240,10 @@ class CanaryAuditor:
         """
         delta = (self._theta0 - self._flat(self._optimizer.params)).cpu().numpy().astype(np.float64)
         inserted = self._directions[:, :self.dim].cpu().numpy().astype(np.float64)
+        total = self.num_canaries + self.num_unseen
         unseen = [canary_cosines(delta, canary_directions(
-            self.seed, np.arange(start, min(start + _SCORE_BLOCK, self.num_canaries + self.num_unseen)),
-            self.dim)) for start in range(self.num_canaries, self.num_canaries + self.num_unseen, _SCORE_BLOCK)]
+            self.seed, np.arange(start, min(start + _SCORE_BLOCK, total)), self.dim))
+            for start in range(self.num_canaries, total, _SCORE_BLOCK)]
         return canary_cosines(delta, inserted), np.concatenate(unseen)
 
     def estimate(self, *, delta, confidence=0.95) -> OneShotEstimate:
