@@ -54,6 +54,7 @@ from scipy import special
 __all__ = ["cells_delta", "cells_epsilon"]
 
 _NEWTON_STEPS = 40
+MAX_CELLS = 250_000  # cells per analysis (≈ 100 MB of work arrays for n = 3)
 
 
 def _interval_prob(lo, hi, mean, sigma):
@@ -152,11 +153,14 @@ class _Cells:
         x_seen = patterns @ last[seen]
         # edges: ±R σ around the means, R so that each axis' outside mass ≤ δ·1e-4 / d
         r = float(-special.ndtri(delta * 1e-4 / (2 * d)))
+        spans = [float(means[:, axis].max()) + 2 * r * sigma for axis in range(d)]
+        # memory and time cap (tiny σ relative to C): coarser cells, still a valid bound
+        scale = min(1.0, (MAX_CELLS / math.prod(s * cells_per_sigma / sigma for s in spans))
+                    ** (1.0 / d))
         edges = []
         for axis in range(d):
-            lo, hi = -r * sigma, float(means[:, axis].max()) + r * sigma
-            m = int(math.ceil((hi - lo) * cells_per_sigma / sigma))
-            edges.append(np.linspace(lo, hi, m + 1))
+            m = max(int(spans[axis] * cells_per_sigma * scale / sigma), 1)
+            edges.append(np.linspace(-r * sigma, spans[axis] - r * sigma, m + 1))
         grids_a = np.meshgrid(*[e[:-1] for e in edges], indexing="ij")
         grids_b = np.meshgrid(*[e[1:] for e in edges], indexing="ij")
         a = np.stack([g.ravel() for g in grids_a], axis=1)

@@ -145,3 +145,14 @@ def test_cells_bad_input(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         mmcc_analysis(args.pop("C"), **args)
+
+
+def test_tiny_sigma_caps_the_grid_and_stays_valid():
+    # σ ≪ C: the grid is coarsened to MAX_CELLS (bounded memory), the bound stays above exact
+    from dpkit.accountants.mmcc_cells import MAX_CELLS, _Cells
+    C = np.array([[1.0, 0, 0], [0.5, 1.0, 0], [0.3, 0.5, 1.0]])
+    assert 0.5 * MAX_CELLS < _Cells(C, 0.02, 0.1, 1e-5, 20).cells <= MAX_CELLS
+    C2 = np.array([[1.0, 0.0], [0.5, 1.0]])
+    eps = mmcc_epsilon(C2, noise_multiplier=0.2, sampling_prob=0.1, delta=1e-5)
+    (exact,), _ = exact_privacy_curve(C2, 0.2, 0.1, [eps])
+    assert exact <= 1e-5
