@@ -288,8 +288,8 @@ def mmcc_analysis(C, *, noise_multiplier: float, sampling_prob: float, delta: fl
         value_discretization_interval: PLD grid (smaller = tighter and slower).
         analysis: ``"auto"`` (as above), ``"tail_bound"`` (the module's analysis) or
             ``"cells"`` (n = 2 or 3 only).
-        cells_per_sigma: cell analysis grid (cells per σ per axis; default 400 for n = 2, 20
-            for n = 3; larger = tighter and slower).
+        cells_per_sigma: initial grid of the cell analysis (cells per σ per axis; default 100
+            for n = 2, 5 for n = 3, then refined adaptively; larger = tighter and slower).
 
     Returns:
         An :class:`MMCCResult`.
