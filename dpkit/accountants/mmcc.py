@@ -41,8 +41,8 @@ p̃/p reaches 17–19 for BandMF with p = 0.05, i.e. p̃ ≈ 0.9), and 1.25–2.
 and three-step cases. Moving δ between the tail bounds and the PLD hardly matters (BandMF n = 32,
 b = 2, σ = 1: ε 15.84 / 15.51 / 15.49 / 15.65 / 16.22 at tail_delta_fraction 0.1 / 0.3 / 0.5 /
 0.7 / 0.9), so 0.5 stays the default. For n ≤ 3 :mod:`dpkit.accountants.mmcc_cells` replaces the
-tail bound by history-dependent dominating pairs (no tail δ; proof in that module): within 0.1 %
-(n = 2) and 1.8 % (n = 3) of the numerically integrated ε. :func:`mmcc_analysis` uses it for
+tail bound by history-dependent dominating pairs (no tail δ; proof in that module): within 0.05 %
+(n = 2) and 1 % (n = 3) of the numerically integrated ε. :func:`mmcc_analysis` uses it for
 n ≤ 3 whenever a tail bound would be needed and says which analysis answered
 (``MMCCResult.method``).
 """
@@ -273,7 +273,7 @@ def mmcc_analysis(C, *, noise_multiplier: float, sampling_prob: float, delta: fl
 
     For n ≤ 3 steps, p < 1 and a C that needs a tail bound (some column with two non-zeros) the
     history-cell analysis of :mod:`dpkit.accountants.mmcc_cells` runs instead (near-exact: within
-    2 % of the numerically integrated ε in the tests, against 1.25–2.4× for the tail bound; falls
+    1 % of the numerically integrated ε in the tests, against 1.25–2.4× for the tail bound; falls
     back to the tail bound if its search bracket fails); otherwise the tail-bound analysis, which
     is then exact up to the PLD grid (C = I: DP-SGD; p = 1: the Gaussian).
 
