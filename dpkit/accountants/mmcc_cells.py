@@ -38,7 +38,9 @@ of normal-CDF differences per pattern. The hockey-stick divergences of a mixture
 evaluated at a bracket [t_lo, t_hi] of the optimal threshold, ``M([t_lo, ∞)) − γ Φ̄(t_hi/σ)``
 (resp. ``Φ(t_hi/σ) − γ M((−∞, t_lo])``), an upper bound on the supremum.
 
-With the lead's per-column bound the same theorem would hold; the exact box bound above is tighter.
+The per-column bound of :mod:`dpkit.accountants.mmcc` (``P(s_j = 1 | h, s_−j) ≤ expit(logit p +
+(⟨h, c_j⟩ − ‖c_j‖²/2)/σ²)``, maximised over the box) would also give a valid Y_K; the box bound
+above follows the exact posterior and is tighter.
 The bound holds for ANY partition, so the boxes are refined adaptively (the ones carrying the
 bound are halved; a child's corners lie inside its parent's, so the bound only decreases) and it
 tends to the exact δ(ε) as the boxes shrink (measured: within 0.05 % of the integrated ε for

@@ -135,6 +135,18 @@ def test_cells_delta_is_monotone_and_tightens_with_the_grid():
     assert exact <= d[1] < coarse
 
 
+def test_refining_boxes_never_raises_the_bound_and_stays_above_exact():
+    from dpkit.accountants.mmcc_cells import _Cells
+    C = np.array([[1.0, 0, 0], [0.5, 1.0, 0], [0.3, 0.5, 1.0]])
+    cells = _Cells(C, 1.0, 0.1, 1e-5, 4)
+    bounds = [cells.delta(4.2)]
+    for _ in range(2):
+        cells.refine(4.2)
+        bounds.append(cells.delta(4.2))
+    (exact,), _ = exact_privacy_curve(C, 1.0, 0.1, [4.2])
+    assert bounds[0] > bounds[1] > bounds[2] >= exact
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(analysis="exact"), "analysis"),
     (dict(analysis="cells", C=np.eye(4)), "n = 2 or 3"),
