@@ -1,13 +1,14 @@
 """BK benchmark: non-private PyTorch vs dpkit BK vs dpkit per-sample engine vs Opacus hooks/ghost.
 
-    python benchmarks/bk.py [--models lm,cnn,resnet18] [--rounds 5] [--json] [--no-memory]
+    python benchmarks/bk.py [--models lm,cnn] [--rounds 5] [--json] [--no-memory] [--threads N]
     python benchmarks/bk.py --models cnn --threads 1 --profile   # where the extra time goes
 
 (a) ``lm``: transformer-like LM, vocab 5000, width 256, 2 blocks (LayerNorm, Linear-projection
 attention, MLP), sequence 64, batch 32, tied-free output layer; (b) ``cnn``: small CNN (3 conv +
 GroupNorm) on 32×32 images, batch 32; (c) ``resnet18``: ResNet-18 (CIFAR stem: 3×3 conv, no max
 pool) with GroupNorm(32) in place of BatchNorm, 32×32, batch 32, built here (torchvision is not
-a dependency). A non-private ResNet-18 step takes ≈1 s on one CPU thread: pass ``--models``.
+a dependency); a non-private ResNet-18 step takes ≈1 s on one CPU thread, so it runs only when
+named: ``--models cnn,resnet18``.
 
 Step times are measured side by side in ONE process, interleaved round-robin; each round's ratio
 to the non-private step of the SAME round is reported as median and min–max (the run-to-run
@@ -206,7 +207,7 @@ def profile_ops(model_name, configs=("non-private", "dpkit-bk"), steps=5, top=15
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="lm,cnn,resnet18")
+    ap.add_argument("--models", default="lm,cnn", help="comma-separated, from: lm, cnn, resnet18")
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps-per-round", type=int, default=None,

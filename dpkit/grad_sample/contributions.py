@@ -339,7 +339,8 @@ class ConvWeightGrad:
                 cols = _unfold(self.x, conv).to(dt)  # (B, C_in·prod(kernel), T)
                 cols = cols.reshape(B * K, cols.shape[1] // K, -1)
                 g = self.g.to(dt).reshape(B * K, conv.out_channels // K, -1)
-                # (d×T)·(T×p) keeps the im2col rows contiguous along T: ≈1.4× faster than (p×T)·(T×d)
+                # (d×T)·(T×p): for the few-channel layers this path serves (d ≤ 7·prod(kernel)),
+                # ≈1.4× faster than (p×T)·(T×d) (RGB 3×3 input layer, 32×32, batch 32, 1 CPU thread)
                 blocks = torch.bmm(cols, g.transpose(1, 2)).transpose(1, 2)
                 self._explicit = blocks.reshape(B, *conv.weight.shape)
             else:
