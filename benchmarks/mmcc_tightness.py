@@ -2,7 +2,8 @@
 grid integration, then column-normalised BandMF (n = 32) under MMCC vs amplified BandMF (cyclic
 Poisson) vs DP-SGD at the same σ. Table + JSON.
 
-Run from the repository root: ``python benchmarks/mmcc_tightness.py [--skip-banded] [--json out.json]``.
+Run from the repository root:
+``python benchmarks/mmcc_tightness.py [--skip-banded] [--sigmas 1 2 4] [--json out.json]``.
 The exact reference is the independent integrator of ``tests/accountants/test_mmcc_cells.py``.
 """
 
@@ -10,13 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
 
 import dp_accounting
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -62,7 +61,8 @@ def banded_comparison(n=32, q=0.05, delta=1e-5, sigmas=(1.0,), bands=(2, 4)):
             rows.append({"n": n, "bands": b, "sigma": sigma, "q": q, "delta": delta,
                          "mmcc": res.epsilon, "mmcc_method": res.method,
                          "mmcc_max_probability_ratio": res.max_probability_ratio,
-                         "mmcc_seconds": t, "amplified_bandmf (group rate b·q, ceil(n/b) steps)": amp,
+                         "mmcc_seconds": t,
+                         "amplified_bandmf (group rate b·q, ceil(n/b) steps)": amp,
                          "dpsgd (rate q, n steps)": dpsgd})
     return rows
 

@@ -10,8 +10,9 @@ Factoring both densities row n last, for every γ ≥ 0
     (1)  H_γ(Q‖P) = ∫ q_<(h) · H_{γ e^{−ℓ(h)}}( Q_n(·|h) ‖ N(0, σ²) ) dh,
     (2)  H_γ(P‖Q) = ∫ p_<(h) · H_{γ e^{ℓ(h)}}( N(0, σ²) ‖ Q_n(·|h) ) dh,
 
-(H_γ(A‖B) = ∫ (a − γ b)_+). Given h, s_n.. are independent of h, so ``Q_n(·|h) = M(X_h)`` is the
-mixture ``E N(X, σ²)`` over the posterior law X_h of the row-n sensitivity ``X = Σ_j C_nj s_j ≥ 0``.
+(H_γ(A‖B) = ∫ (a − γ b)_+; divide a − γb = p_<·(…) resp. q_<·(…) and integrate θ_n first).
+Given s, θ_n ~ N(Σ_j C_nj s_j, σ²) independently of h, so ``Q_n(·|h) = M(X_h)``, the mixture
+``E N(X, σ²)`` over the posterior law X_h (given h) of the row-n sensitivity ``X = Σ_j C_nj s_j``.
 *Lemma*: if X ≤_st Y (Y ≥ 0), then H_γ(M(X)‖N(0,σ²)) ≤ H_γ(M(Y)‖N(0,σ²)) and
 H_γ(N(0,σ²)‖M(X)) ≤ H_γ(N(0,σ²)‖M(Y)). Proof: the likelihood ratio ``E exp((Xt − X²/2)/σ²)`` is
 non-decreasing in t (X ≥ 0), so by Neyman–Pearson the optimal sets are the half-lines [t, ∞)
