@@ -68,7 +68,7 @@ def _as_features(name: str, x) -> torch.Tensor:
         raise TypeError(f"{name} must be a numpy array or torch tensor; got {type(x).__name__}")
     if x.ndim != 2 or x.shape[0] < 1 or x.shape[1] < 1:
         raise ValueError(f"{name} must be a 2-d array (n ≥ 1 examples × d ≥ 1 features); got shape {tuple(x.shape)}")
-    x = x.to(torch.float64)
+    x = x.to("cpu", torch.float64)  # small linear-model data: the noise and statistics are on CPU
     if not torch.isfinite(x).all():
         raise ValueError(f"{name} must contain only finite values")
     return x

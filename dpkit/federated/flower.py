@@ -89,7 +89,7 @@ class DPFedAvgStrategy(Strategy):
     @property
     def current_parameters(self) -> list[np.ndarray]:
         """The released global model (authoritative, also after noise-only empty rounds)."""
-        return [p.detach().numpy().copy() for p in self.dpfedavg.params]
+        return [p.detach().cpu().numpy().copy() for p in self.dpfedavg.params]
 
     def epsilon(self, delta=None) -> float:
         """User-level ε spent so far."""
@@ -194,7 +194,7 @@ class DPFedAvgStrategy(Strategy):
 
 def _minus(weights, sent: torch.Tensor) -> torch.Tensor:
     """Δ = returned − sent; a wrongly shaped array is left for DPFedAvg to refuse with a ValueError."""
-    w = torch.from_numpy(np.array(weights)).to(sent.dtype)
+    w = torch.from_numpy(np.array(weights)).to(sent.device, sent.dtype)
     return w - sent if w.shape == sent.shape else w
 
 
@@ -230,7 +230,7 @@ class DPFedAvgClient(NumPyClient):
         return {} if self.index is None else {CLIENT_KEY: self.index}
 
     def get_parameters(self, config):
-        return [p.detach().numpy().copy() for p in self.trainer.params]
+        return [p.detach().cpu().numpy().copy() for p in self.trainer.params]
 
     def user_data(self, config):
         """The data this fit trains: its own, or (a simulated node, ``population`` given) the data
@@ -244,7 +244,7 @@ class DPFedAvgClient(NumPyClient):
 
     def fit(self, parameters, config):
         g = _seeds.generator(self.seed, _seeds.LOCAL, int(config[ROUND_KEY]), int(config[CLIENT_KEY]))
-        global_params = [torch.from_numpy(np.array(a)).to(p.dtype) for a, p in zip(parameters, self.trainer.params)]
+        global_params = [torch.from_numpy(np.array(a)).to(p.device, p.dtype) for a, p in zip(parameters, self.trainer.params)]
         data = self.user_data(config)
         self.trainer.update(global_params, data, g)
         return self.get_parameters(config), int(data[1].shape[0]), {}

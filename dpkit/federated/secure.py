@@ -108,8 +108,8 @@ class SecureDPFedAvgClient(DPFedAvgClient):
             if key not in config:
                 raise ValueError(f"fit config must contain {key!r}: use SecureDPFedAvgStrategy with this client")
         g = _seeds.generator(self.seed, _seeds.LOCAL, int(config[ROUND_KEY]), int(config[CLIENT_KEY]))
-        global_params = [torch.from_numpy(np.array(a)).to(p.dtype) for a, p in zip(parameters, self.trainer.params)]
-        delta = [d.double().numpy() for d in self.trainer.update(global_params, self.user_data(config), g)]
+        global_params = [torch.from_numpy(np.array(a)).to(p.device, p.dtype) for a, p in zip(parameters, self.trainer.params)]
+        delta = [d.double().cpu().numpy() for d in self.trainer.update(global_params, self.user_data(config), g)]
         clip, share, step = float(config[CLIP_KEY]), float(config[SHARE_KEY]), float(config[STEP_KEY])
         norm = math.sqrt(sum(float(np.square(d).sum()) for d in delta))
         factor = min(1.0, clip / norm) if norm > 0 else 1.0
@@ -245,7 +245,7 @@ class SecureDPFedAvgStrategy(DPFedAvgStrategy):
             for t, u in zip(total, dither(self._dither_seed(rnd, k), shapes, self.grid_step)):
                 t -= u
         info = self._record(self.dpfedavg.release_noised_sum(
-            [torch.from_numpy(t.reshape(s)).to(p.dtype) for t, s, p in zip(total, shapes, self.dpfedavg.params)],
+            [torch.from_numpy(t.reshape(s)).to(p.device, p.dtype) for t, s, p in zip(total, shapes, self.dpfedavg.params)],
             reporting_clients=len(reporting)))
         return ndarrays_to_parameters(self.current_parameters), {"epsilon": info["epsilon"]}
 

@@ -102,7 +102,7 @@ class FederatedSimulation:
 
     @staticmethod
     def _flat(tensors) -> np.ndarray:
-        return torch.cat([t.detach().reshape(-1).double() for t in tensors]).numpy()
+        return torch.cat([t.detach().reshape(-1).double().cpu() for t in tensors]).numpy()
 
     def run_round(self) -> dict:
         """Run one round; returns its log record (also appended to ``history`` and the log file)."""
