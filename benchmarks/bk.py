@@ -1,6 +1,7 @@
 """BK benchmark: non-private PyTorch vs dpkit BK vs dpkit per-sample engine vs Opacus hooks/ghost.
 
     python benchmarks/bk.py [--models lm,cnn] [--rounds 5] [--json] [--no-memory] [--threads N]
+                            [--device cpu|cuda]
     python benchmarks/bk.py --models cnn --threads 1 --profile   # where the extra time goes
 
 (a) ``lm``: transformer-like LM, vocab 5000, width 256, 2 blocks (LayerNorm, Linear-projection
@@ -124,12 +125,22 @@ def memory_probe(config, model_name):
     return H.rss_growth_mib(step)
 
 
-def time_rounds(configs, model_fn, batch, loss_fn, *, rounds, steps_per_round, warmup=2):
-    """Per-round seconds per step, wall-clock and process CPU time, interleaved round-robin."""
+def on_device(model_fn, batch, device):
+    """The model factory and batch moved to ``device``."""
+    return (lambda: model_fn().to(device)), tuple(t.to(device) for t in batch)
+
+
+def time_rounds(configs, model_fn, batch, loss_fn, *, rounds, steps_per_round, warmup=2, device="cpu"):
+    """Per-round seconds per step, wall-clock and process CPU time, interleaved round-robin (CUDA:
+    each step synchronised, so its time is the device's)."""
+    model_fn, batch = on_device(model_fn, batch, device)
     steps = {}
     for c in configs:
         try:
-            steps[c] = H.make_step(c, model_fn, batch, loss_fn)
+            step = H.make_step(c, model_fn, batch, loss_fn)
+            if torch.device(device).type == "cuda":
+                step = (lambda s: lambda: (s(), torch.cuda.synchronize()))(step)
+            steps[c] = step
             for _ in range(warmup):
                 steps[c]()
         except Exception as exc:  # a peer that cannot run this model: report, don't crash
@@ -148,7 +159,8 @@ def time_rounds(configs, model_fn, batch, loss_fn, *, rounds, steps_per_round, w
 
 
 def summarise(title, wall, cpu, memory, *, json_out):
-    """Ratio table (and one JSON line): per-round ratios to the same round's non-private step."""
+    """Ratio table (and, with ``json_out``, one JSON line): per-round ratios to the same round's
+    non-private step."""
     base_w, base_c = wall.get("non-private"), cpu.get("non-private")
     base_m = memory.get("non-private")
     rows = []
@@ -164,9 +176,6 @@ def summarise(title, wall, cpu, memory, *, json_out):
         row["peak_mib"] = m
         row["memory_ratio"] = m / base_m if (m is not None and base_m) else None
         rows.append(row)
-    if json_out:
-        print(json.dumps({"model": title, "machine": H.machine(), "rows": rows}))
-        return rows
     print(f"\n{title}  ({H.machine()})")
     print(f"{'configuration':<20}{'step ms':>9}{'× non-private (min–max)':>25}"
           f"{'CPU × (min–max)':>22}{'peak MiB':>10}{'mem ×':>7}")
@@ -178,6 +187,8 @@ def summarise(title, wall, cpu, memory, *, json_out):
         mem = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "-"
         mr = f"{r['memory_ratio']:.2f}" if r["memory_ratio"] else "-"
         print(f"{r['config']:<20}{r['step_ms']:>9.1f}{ratio('time'):>25}{ratio('cpu'):>22}{mem:>10}{mr:>7}")
+    if json_out:  # one line, after the table (benchmarks/gpu.sh collects the JSON lines)
+        print(json.dumps({"model": title, "machine": H.machine(), "rows": rows}))
     return rows
 
 
@@ -213,6 +224,7 @@ def main(argv=None):
     ap.add_argument("--steps-per-round", type=int, default=None,
                     help="steps timed per round (default: 3, 1 for resnet18)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:i]; memory is measured on CPU only")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--profile", action="store_true",
@@ -220,6 +232,12 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        ap.error(f"--device: {exc}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is available; use --device cpu")
     configs = args.configs.split(",")
     unknown = [m for m in args.models.split(",") if m not in MODELS]
     if unknown:
@@ -234,8 +252,9 @@ def main(argv=None):
         torch.manual_seed(0)
         steps = args.steps_per_round or (1 if name == "resnet18" else 3)
         wall, cpu = time_rounds(configs, model_fn, batch_fn(), loss_fn, rounds=args.rounds,
-                                steps_per_round=steps)
-        memory = {} if args.no_memory else {c: H.peak_memory_child("bk", c, name) for c in wall}
+                                steps_per_round=steps, device=device)
+        cpu_memory = not args.no_memory and device.type == "cpu"
+        memory = {c: H.peak_memory_child("bk", c, name) for c in wall} if cpu_memory else {}
         results[name] = summarise(title, wall, cpu, memory, json_out=args.json)
     return results
 
