@@ -223,6 +223,7 @@ class GradientEngine:
         stability: γ of automatic clipping.
         track_unclipped: also accumulate the UNCLIPPED sum Σ_i g_i (error-feedback methods such as
             DiceSGD need both sums of the same batch); read it with :meth:`unclipped_sum`.
+            :meth:`bound_unclipped` makes it the sum clipped at a larger bound G instead.
 
     Raises:
         ValueError/TypeError: bad arguments, named.
@@ -301,6 +302,7 @@ class GradientEngine:
         self.sparse_sums: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.track_unclipped = bool(track_unclipped)
         self.unclipped_grads: dict[int, torch.Tensor] = {}
+        self.unclipped_bound: float | None = None
         self.examples_seen = 0
         self.paths: dict[str, str] = {}
         self.dropped_examples = 0
@@ -721,7 +723,11 @@ class GradientEngine:
             s = contrib.clipped_sum(factors[pid])
             _add_into(self.summed_grads, pid, s)
             if self.track_unclipped:
-                _add_into(self.unclipped_grads, pid, contrib.clipped_sum(torch.full_like(factors[pid], scale)))
+                if self.unclipped_bound is None:
+                    wide = torch.full_like(factors[pid], scale)
+                else:  # min(1, G/‖g_i‖)·scale from the SAME norm: (G/C)·c_i, capped at scale
+                    wide = torch.clamp(factors[pid] * (self.unclipped_bound / self.max_grad_norm), max=scale)
+                _add_into(self.unclipped_grads, pid, contrib.clipped_sum(wide))
         self.examples_seen += n
         return n
 
@@ -949,8 +955,34 @@ class GradientEngine:
         out = torch.zeros(unique.numel(), p.shape[1], dtype=vals.dtype, device=vals.device)
         return unique, out.index_add_(0, inverse, vals)
 
+    def bound_unclipped(self, bound: float) -> None:
+        """Track Σ_i clip(g_i, G) instead of the unclipped Σ_i g_i (DiceSGD's enforced bound).
+
+        The factor of example i is min(1, G/‖g_i‖), computed from the same per-example norm as the
+        C clip (per tensor with ``clip_scope="per_layer"``: G/√P, so the whole gradient stays ≤ G);
+        a dropped (non-finite) example gets 0 in both sums.
+
+        Args:
+            bound: G ≥ ``max_grad_norm``.
+
+        Raises:
+            RuntimeError: the engine does not track unclipped sums, or uses automatic clipping
+                (its factors are not min(1, C/‖g‖), so G/C would not rescale them to a G clip).
+            ValueError: G < ``max_grad_norm``.
+        """
+        if not self.track_unclipped:
+            raise RuntimeError("bound_unclipped needs an engine built with track_unclipped=True")
+        if self.clip_function != "standard":
+            raise RuntimeError("bound_unclipped needs clip_function='standard'; got "
+                               f"{self.clip_function!r}")
+        bound = _validate.positive("bound", bound)
+        if bound < self.max_grad_norm:
+            raise ValueError(f"bound must be >= max_grad_norm ({self.max_grad_norm}); got {bound}")
+        self.unclipped_bound = float(bound)
+
     def unclipped_sum(self, p: torch.Tensor) -> torch.Tensor:
-        """The accumulated UNCLIPPED sum Σ_i g_i for ``p`` (needs ``track_unclipped=True``)."""
+        """The accumulated UNCLIPPED sum Σ_i g_i for ``p`` (needs ``track_unclipped=True``), or
+        Σ_i clip(g_i, G) after :meth:`bound_unclipped`."""
         if not self.track_unclipped:
             raise RuntimeError("unclipped sums are not tracked; build the engine with track_unclipped=True")
         s = self.unclipped_grads.get(id(p))

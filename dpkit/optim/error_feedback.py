@@ -223,37 +223,6 @@ def _feedback_sigma_floor(eps, delta, steps, clip1, clip2, batch, q, noise_split
     return k / hi
 
 
-class _BoundedResiduals:
-    """Σ_i (clip(g_i, G) − clip(g_i, C1)) per parameter, accumulated alongside an engine's clipped sum.
-
-    Wraps the engine instance's clip-factor computation: the G factor of example i is
-    min(1, (G/C1)·c_i) times the loss scale, with c_i the engine's own standard C1 factor (0 for a
-    dropped example), so both clips use the same per-example norm. Cleared with the engine's sums.
-    """
-
-    def __init__(self, engine, gradient_bound: float):
-        ratio = gradient_bound / engine.max_grad_norm
-        self.sums: dict[int, torch.Tensor] = {}
-        clip_factors, reset = engine._clip_factors, engine.reset
-
-        def bounded_clip_factors(merged, batch_size, scale):
-            factors = clip_factors(merged, batch_size, scale)
-            for pid, c in factors.items():
-                extra = merged[pid].clipped_sum(torch.clamp(c * ratio, max=scale) - c)
-                self.sums[pid] = extra if pid not in self.sums else self.sums[pid] + extra
-            return factors
-
-        def bounded_reset():
-            reset()
-            self.sums.clear()
-
-        engine._clip_factors, engine.reset = bounded_clip_factors, bounded_reset
-
-    def residual_sum(self, p: torch.Tensor) -> torch.Tensor:
-        s = self.sums.get(id(p))
-        return torch.zeros_like(p) if s is None else s
-
-
 class ErrorFeedback:
     """The DiceSGD error state of one :class:`DPOptimizer`, fed back through its contribution hook.
 
@@ -280,7 +249,8 @@ class ErrorFeedback:
 
             gradient_bound = validate_gradient_bound(gradient_bound, optimizer.engine.max_grad_norm)
         self.gradient_bound = gradient_bound
-        self._bounded = None if gradient_bound is None else _BoundedResiduals(optimizer.engine, gradient_bound)
+        if gradient_bound is not None:  # the engine's "unclipped" sum becomes Σ clip(g_i, G)
+            optimizer.engine.bound_unclipped(gradient_bound)
         self.error: list[torch.Tensor] | None = None
         # set by attach_error_feedback(calibration="reference"): the reference code's UNVERIFIED claim
         self.reference = None
@@ -299,8 +269,7 @@ class ErrorFeedback:
         factor = 0.0 if self.clip2 == 0.0 else min(1.0, self.clip2 / norm) if norm > 0 else 1.0
         feedback = [factor * e for e in self.error]
         for i, p in enumerate(params):
-            residual = (engine.unclipped_sum(p) - engine.clipped_sum(p) if self._bounded is None
-                        else self._bounded.residual_sum(p)) / b
+            residual = (engine.unclipped_sum(p) - engine.clipped_sum(p)) / b
             self.error[i] = self.error[i] - feedback[i] + residual.to(self.error[i].dtype)
         return [(b * f).to(p.dtype) for f, p in zip(feedback, params)]
 

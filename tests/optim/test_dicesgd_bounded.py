@@ -399,3 +399,20 @@ def test_accumulating_poisson_batches_is_refused_not_misaccounted():
         nn.functional.mse_loss(model(xb), yb).backward()
     with pytest.raises(AmbiguousStepError, match="other than plain DP-SGD"):
         opt.step()
+
+
+def test_engine_bound_unclipped_refuses_bad_settings():
+    import torch.nn as nn
+
+    from dpkit.grad_sample.engine import GradientEngine
+
+    untracked = GradientEngine(nn.Linear(3, 2), max_grad_norm=1.0)
+    with pytest.raises(RuntimeError, match="track_unclipped"):
+        untracked.bound_unclipped(2.0)
+    tracked = GradientEngine(nn.Linear(3, 2), max_grad_norm=1.0, track_unclipped=True)
+    with pytest.raises(ValueError, match="bound must be >= max_grad_norm"):
+        tracked.bound_unclipped(0.5)
+    auto = GradientEngine(nn.Linear(3, 2), max_grad_norm=1.0, track_unclipped=True,
+                          clip_function="automatic")
+    with pytest.raises(RuntimeError, match="clip_function='standard'"):
+        auto.bound_unclipped(2.0)
