@@ -147,6 +147,12 @@ class EmbeddingRowGrad:
         return (torch.bmm(g, g.transpose(1, 2)) * same).sum(dim=(1, 2))
 
     def norm_sq(self):
+        if self.gram and self.positions[1].stride(1) == 0:
+            # every position of example i carries the same g_i (a bag's broadcast output gradient):
+            # ‖Σ_t e_{id_t} g_iᵀ‖² = ‖g_i‖²·#{(t, t'): id_t = id_t'}
+            ids, g, keep = self.positions
+            pairs = ((ids.unsqueeze(2) == ids.unsqueeze(1)) & keep.unsqueeze(2) & keep.unsqueeze(1)).sum(dim=(1, 2))
+            return g[:, 0].to(_norm_dtype(g)).pow(2).sum(1) * pairs
         if self.gram:
             return self._norm_sq_gram()
         num_rows = self.shape[0]

@@ -157,6 +157,8 @@ class EmbeddingBagRule(PerSampleRule):
     def rows(self, module, activation, grad_output):
         ids, offsets, weights = activation
         B = grad_output.shape[0]
+        if ids.dim() == 2 and ids.shape[1] > 0 and module.padding_idx is None and module.mode in ("sum", "mean"):
+            return self._fixed_size_bags(ids, weights, grad_output, module.mode)
         if ids.dim() == 2:
             bag = torch.arange(B, device=ids.device).unsqueeze(1).expand_as(ids).reshape(-1)
             ids = ids.reshape(-1)
@@ -179,6 +181,23 @@ class EmbeddingBagRule(PerSampleRule):
             raise NotImplementedError("EmbeddingBag(mode='max') has no per-example rule")
         g = grad_output[bag] * scale.unsqueeze(1)
         return bag[keep], ids[keep], g[keep], None, False
+
+    @staticmethod
+    def _fixed_size_bags(ids, weights, grad_output, mode):
+        """(B, T) bags without padding: id t of bag i receives the bag's output gradient (times its
+        weight; / T for mean). Unweighted, the (B, T, d) gradients are a BROADCAST of the (B, d)
+        output gradient (stride 0 over t), which lets ``EmbeddingRowGrad.norm_sq`` use
+        ‖G_i‖² = ‖g_i‖²·#{(t, t'): id_t = id_t'} — no gather, no sort."""
+        B, T = ids.shape
+        g = grad_output.unsqueeze(1).expand(B, T, grad_output.shape[1])
+        if weights is not None:
+            g = g * weights.unsqueeze(2).to(g.dtype)
+        if mode == "mean":
+            g = g / T
+        example = torch.arange(B, device=ids.device).repeat_interleave(T)
+        keep = torch.ones_like(ids, dtype=torch.bool)
+        return (example, ids.reshape(-1), g.reshape(B * T, -1), (ids, g, keep),
+                T <= EmbeddingRule.gram_max_positions)
 
 
 class _NormRule(PerSampleRule):

@@ -146,3 +146,30 @@ def test_conv_ghost_and_kernel_instantiation_agree(conv):
     loop = torch.stack([torch.autograd.grad((conv(x[i:i + 1]) * g[i:i + 1]).sum(), conv.weight)[0] for i in range(4)])
     torch.testing.assert_close(inst.instantiate(), loop)
     torch.testing.assert_close(ghost.clipped_sum(c), torch.einsum("b...,b->...", loop, c))
+
+
+@pytest.mark.parametrize("mode, weighted, twice", [("sum", False, False), ("mean", False, False),
+                                                   ("sum", True, False), ("sum", False, True)])
+def test_fixed_size_bags_with_repeated_ids_match_reference(mode, weighted, twice):
+    """(B, T) bags: the broadcast fast path (‖g_i‖² · #equal-id pairs), the weighted Gram path and
+    two uses of one bag (concatenated positions) all equal float64 batch-of-1 gradients."""
+    torch.manual_seed(1)
+    model = nn.EmbeddingBag(7, 3, mode=mode).double()
+    ids = torch.randint(0, 7, (6, 5))
+    ids[:, 1] = ids[:, 0]  # repeated ids inside every bag
+    ids[0] = 3  # one bag of a single repeated id
+    weights = torch.rand(6, 5, dtype=torch.float64) if weighted else None
+
+    def loss(m, inp):
+        out = m(inp[0], per_sample_weights=inp[1]) if weighted else m(inp[0])
+        if twice:
+            out = out + m(inp[0].flip(1)).sin()
+        return out.pow(2).sum()
+
+    inputs = (ids, weights) if weighted else (ids,)
+    ref = per_example_grads(model, inputs, loss)
+    engine = GradientEngine(model, max_grad_norm=0.4, loss_reduction="sum")
+    with engine.same_examples():
+        loss(model, inputs).backward()
+    engine.accumulate()
+    torch.testing.assert_close(engine.clipped_sum(model.weight), clipped_sum(ref, 0.4)[id(model.weight)])
