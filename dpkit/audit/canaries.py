@@ -69,11 +69,35 @@ def _event_sampling_rate(event) -> float:
                      f"event {event!r} (no noise, or not Poisson sampling)")
 
 
+def _subset_indices(all_params, parameters) -> list[int]:
+    """Positions (ascending) in the optimizer's trainable parameters of ``parameters`` (None: all)."""
+    if parameters is None:
+        return list(range(len(all_params)))
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    position = {id(p): i for i, p in enumerate(all_params)}
+    indices = []
+    for k, p in enumerate(parameters):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"parameters must be tensors of the optimizer; parameters[{k}] is a "
+                            f"{type(p).__name__}")
+        if id(p) not in position:
+            raise ValueError(f"parameters[{k}] (shape {tuple(p.shape)}) is not a trainable parameter "
+                             "of the optimizer: pass tensors of the model the optimizer was built on, "
+                             "e.g. parameters=model[-1].parameters()")
+        indices.append(position[id(p)])
+    if not indices:
+        raise ValueError("parameters must not be empty: pass None for all the optimizer's parameters")
+    if len(set(indices)) != len(indices):
+        raise ValueError("parameters must not repeat a tensor: list each canary parameter once")
+    return sorted(indices)
+
+
 class CanaryAuditor:
     """Insert Poisson-sampled gradient canaries into a :class:`dpkit.DPOptimizer`.
 
     Args:
-        optimizer: the DPOptimizer of the run (its parameters define the canary space).
+        optimizer: the DPOptimizer of the run.
         num_canaries: inserted canaries (≥ 2).
         num_unseen: canaries never inserted, for the null distribution (≥ 2; default
             ``num_canaries``).
@@ -83,14 +107,32 @@ class CanaryAuditor:
             size batches).
         seed: integer seed of the directions and of the canaries' sampling (keyed by (seed, step));
             default None: 63 bits of OS entropy, kept in :attr:`seed` and :meth:`state_dict`.
+        parameters: optional subset S of the optimizer's trainable parameters (e.g.
+            ``model[-1].parameters()``) that holds the canaries; default: all of them. The canary
+            space is the d' = Σ_{p ∈ S} numel(p) coordinates of S, concatenated in the optimizer's
+            parameter order (whatever order they are given in): directions are uniform on the
+            unit sphere of R^{d'} and zero on every other parameter, each inserted gradient still
+            has norm C, scores are cosines of the S-part of θ_0 − θ_T, and the null is N(0, 1/d')
+            (:attr:`dim` = d'). Valid because (Andrew et al., ICLR 2024, Sec. 3 with d → d'):
+            (i) a canary C·u_j, ‖u_j‖ = 1, is a gradient at the clipping bound like any clipped
+            example, so the claimed (σ, q, T) covers it and the mechanism that runs is unchanged;
+            (ii) θ_S,T is a post-processing of the released θ_T, so nothing inferred from it can
+            exceed the run's true ε; (iii) the Gaussian noise restricted to S is N(0, σ²C² I_{d'}),
+            isotropic in the canary space, and an unseen direction uniform on its sphere is
+            independent of θ_S,T, so its cosine has mean 0 and variance exactly 1/d'. Cost and
+            memory scale with d' instead of d; keep m + m_unseen ≪ d' (the canaries interfere
+            like random vectors in d' dimensions).
 
     Raises:
-        TypeError: ``optimizer`` is not a DPOptimizer; non-integer counts or seed.
+        TypeError: ``optimizer`` is not a DPOptimizer; non-integer counts or seed; ``parameters``
+            holds something that is not a tensor.
         ValueError: counts < 2, q outside (0, 1] or not inferable, more canaries than
-            parameters, a distributed optimizer.
+            parameters (d'), a distributed optimizer, ``parameters`` empty, repeated, or not
+            trainable parameters of the optimizer.
     """
 
-    def __init__(self, optimizer, *, num_canaries, num_unseen=None, sampling_rate=None, seed=None):
+    def __init__(self, optimizer, *, num_canaries, num_unseen=None, sampling_rate=None, seed=None,
+                 parameters=None):
         if not isinstance(optimizer, DPOptimizer):
             raise TypeError(f"optimizer must be a dpkit DPOptimizer; got {type(optimizer).__name__}")
         if optimizer.distributed:
@@ -109,17 +151,20 @@ class CanaryAuditor:
         self.seed = (secrets.randbits(63) if seed is None
                      else _validate.positive_int("seed", seed, allow_zero=True))
         self._optimizer = optimizer
-        params = optimizer.params
-        self._shapes = [p.shape for p in params]
-        self.dim = sum(p.numel() for p in params)
+        self._indices = _subset_indices(optimizer.params, parameters)
+        self._params = [optimizer.params[i] for i in self._indices]
+        self._numels = [p.numel() for p in self._params]
+        self.dim = sum(self._numels)
         total = self.num_canaries + self.num_unseen
         if total > self.dim:
-            raise ValueError(f"num_canaries + num_unseen must be <= the number of trainable "
-                             f"parameters ({self.dim}); got {total}")
-        self._directions = self._make_directions(params[0].device)
+            what = "trainable parameters" if parameters is None else "coordinates in parameters"
+            raise ValueError(f"num_canaries + num_unseen must be <= the number of {what} "
+                             f"({self.dim}); got {total}")
+        self._directions = self._make_directions(self._params[0].device)
         self._mask_block = (-1, None)  # (block index, its (64, m) coins)
-        self._sums = (-1, None)  # (first step, Σ_{sampled j} u_j of each step of its sum block)
-        self._theta0 = self._flat(params).clone()
+        self._rows = (-1, None)  # (first step of a sum block, per step: C·Σ_{sampled j} u_j per parameter)
+        self._layout = (None, None)  # (ids of the hook's params, where each sits in the subset)
+        self._theta0 = self._flat(self._params).clone()
         self.inclusions = np.zeros(self.num_canaries, dtype=np.int64)  # times each was sampled
         self._handle = optimizer.register_contribution_hook(self._contribute)
 
@@ -129,7 +174,6 @@ class CanaryAuditor:
         self._chunks = -(-self.dim // _CHUNK)
         # steps per sum block: a power of two ≤ 64 (so blocks nest in the coin blocks) within budget
         self._sum_steps = 1 << min(6, max(1, _SUM_BUDGET // (self._chunks * _CHUNK)).bit_length() - 1)
-        self._chunk_ids = torch.arange(self._chunks, device=device).unsqueeze(1)
         table = torch.zeros(self.num_canaries, self._chunks * _CHUNK, dtype=torch.float32, device=device)
         table[:, :self.dim] = torch.from_numpy(
             canary_directions(self.seed, self.num_canaries, self.dim, dtype=np.float32))
@@ -150,14 +194,22 @@ class CanaryAuditor:
     def _flat(params) -> torch.Tensor:
         return torch.cat([p.detach().reshape(-1).float() for p in params])
 
-    def _canary_sums(self, step: int) -> torch.Tensor:
-        """Σ_{sampled j} u_j of ``step``, from sums computed for its whole block of ``_sum_steps``
-        steps by ONE embedding_bag (launch and index costs paid once per block; the sums depend
-        only on the seed, never on the data). Bag (s, r) is column chunk r of the canaries
-        sampled at step s: rows j·c + r of the (m·c, 1024) view of the table."""
+    def _split(self, flat: torch.Tensor) -> list:
+        """(..., d') sums → one (..., *p.shape) tensor per subset parameter, in its dtype (views
+        when the dtype already matches)."""
+        lead = flat.shape[:-1]
+        return [part.to(p.dtype).view(*lead, *p.shape)
+                for part, p in zip(flat[..., :self.dim].split(self._numels, dim=-1), self._params)]
+
+    def _block_rows(self, step: int) -> list:
+        """C·Σ_{sampled j} u_j of ``step`` per subset parameter, from sums computed for its whole
+        block of ``_sum_steps`` steps by ONE embedding_bag, scaled and split into parameter views
+        once per block: a step only indexes a list (launch, index, cast and split costs paid once
+        per block; the sums depend only on the seed, never on the data). Bag (s, r) is column
+        chunk r of the canaries sampled at step s: rows j·c + r of the (m·c, 1024) table view."""
         n, step = self._sum_steps, int(step)
         first = step - step % n
-        if self._sums[0] != first:
+        if self._rows[0] != first:
             coins = np.stack([self._inclusion_mask(t) for t in range(first, first + n)])
             t, j = np.nonzero(coins)  # sorted by step
             counts = np.bincount(t, minlength=n)
@@ -169,40 +221,56 @@ class CanaryAuditor:
             table = self._directions
             sums = F.embedding_bag(torch.from_numpy(rows).to(table.device), table.view(-1, _CHUNK),
                                    torch.from_numpy(offsets).to(table.device), mode="sum")
-            self._sums = (first, sums.view(n, -1))
-        return self._sums[1][step - first]
+            sums = sums.view(n, -1).mul_(float(self._optimizer.max_grad_norm))  # C·u_j: at the clip bound
+            per_param = [v.unbind(0) for v in self._split(sums)]
+            self._rows = (first, [list(row) if k else None for row, k in zip(zip(*per_param), counts)])
+        return self._rows[1][step - first]
 
-    def _contribute(self, step, params):
-        """Contribution hook: C · Σ_{sampled j} u_j, split into parameter shapes (or None)."""
-        if [p.shape for p in params] != self._shapes:
-            # e.g. lazily noised embedding tables are left out of the hook's parameters
-            raise RuntimeError("CanaryAuditor: the optimizer's step passes parameters that differ "
-                               "from those at construction (lazy embedding noise?); canaries "
-                               "need every trainable parameter in the dense step")
-        mask = self._inclusion_mask(step)
+    def _streamed_rows(self, mask: np.ndarray) -> list | None:
+        """Large d' on CPU: C·Σ_{sampled j} u_j as k streaming in-place row adds."""
         if not mask.any():
             return None
+        table = self._directions
+        flat = torch.zeros(table.shape[1], dtype=table.dtype)
+        for j in np.flatnonzero(mask).tolist():
+            flat.add_(table[j])
+        return self._split(flat.mul_(float(self._optimizer.max_grad_norm)))
+
+    def _subset_layout(self, params) -> list | None:
+        """Where each of the hook's parameters sits in the subset (None: not a canary parameter);
+        None when the hook's parameters ARE the subset. Cached on the parameters' ids."""
+        ids = list(map(id, params))
+        if ids != self._layout[0]:
+            where = {id(p): i for i, p in enumerate(self._params)}
+            layout = [where.get(i) for i in ids]
+            if sorted(i for i in layout if i is not None) != list(range(len(self._params))):
+                # e.g. lazily noised embedding tables are left out of the hook's parameters
+                raise RuntimeError("CanaryAuditor: the optimizer's step does not pass every canary "
+                                   "parameter through its dense step (lazy embedding noise?); build "
+                                   "the auditor with parameters= a subset of the dense parameters")
+            self._layout = (ids, None if layout == list(range(len(params))) else layout)
+        return self._layout[1]
+
+    def _contribute(self, step, params):
+        """Contribution hook: C · Σ_{sampled j} u_j per parameter (None where it is all zero)."""
+        layout = self._subset_layout(params)
+        mask = self._inclusion_mask(step)
         self.inclusions += mask
-        table, clip = self._directions, float(self._optimizer.max_grad_norm)
-        if self.dim > _ROW_ADD_MIN_DIM and table.device.type == "cpu":
-            flat = torch.zeros(table.shape[1], dtype=table.dtype)
-            for j in np.flatnonzero(mask).tolist():
-                flat.add_(table[j])
-            flat.mul_(clip)  # C·u_j: each canary at the clip bound
+        if self.dim > _ROW_ADD_MIN_DIM and self._directions.device.type == "cpu":
+            rows = self._streamed_rows(mask)
         else:
-            flat = self._canary_sums(step) * clip  # out of place: the block's sums stay unscaled
-        out, start = [], 0
-        for p, shape in zip(params, self._shapes):
-            n = p.numel()
-            out.append(flat[start:start + n].reshape(shape).to(p.dtype))
-            start += n
-        return out
+            rows = self._block_rows(step)
+        if rows is None or layout is None:
+            return rows
+        return [None if i is None else rows[i] for i in layout]
 
     def state_dict(self) -> dict:
-        """Seed, settings, θ_0 and inclusion counts: with the optimizer's own checkpoint, enough
-        to continue the audit in a new process (the directions are regenerated from the seed)."""
+        """Seed, settings, the canary parameters' positions, θ_0 and inclusion counts: with the
+        optimizer's own checkpoint, enough to continue the audit in a new process (the directions
+        are regenerated from the seed)."""
         return {"seed": self.seed, "num_canaries": self.num_canaries, "num_unseen": self.num_unseen,
                 "sampling_rate": self.sampling_rate, "dim": self.dim,
+                "parameter_indices": list(self._indices),
                 "theta0": self._theta0.detach().cpu().clone(),
                 "inclusions": torch.from_numpy(self.inclusions.copy())}  # tensors: weights_only loads
 
@@ -211,7 +279,8 @@ class CanaryAuditor:
 
         Raises:
             TypeError: ``state`` is not a dict.
-            ValueError: the counts, sampling rate or model dimension differ from this auditor's.
+            ValueError: the counts, sampling rate, canary dimension or canary parameters (their
+                positions among the optimizer's parameters) differ from this auditor's.
         """
         if not isinstance(state, dict) or "seed" not in state:
             raise TypeError("state must be a dict from CanaryAuditor.state_dict()")
@@ -219,8 +288,12 @@ class CanaryAuditor:
             if state[key] != getattr(self, key):
                 raise ValueError(f"state was saved with {key}={state[key]!r}; this auditor has "
                                  f"{key}={getattr(self, key)!r}: build it with the same settings")
+        saved = [int(i) for i in state.get("parameter_indices", range(len(self._optimizer.params)))]
+        if saved != self._indices:
+            raise ValueError(f"state was saved with canaries in the optimizer's parameters {saved}; "
+                             f"this auditor uses {self._indices}: pass the same parameters=")
         self.seed = int(state["seed"])
-        self._mask_block, self._sums = (-1, None), (-1, None)
+        self._mask_block, self._rows = (-1, None), (-1, None)
         self._directions = self._make_directions(self._directions.device)
         self._theta0 = torch.as_tensor(state["theta0"]).to(self._theta0.device, self._theta0.dtype).clone()
         self.inclusions = torch.as_tensor(state["inclusions"]).numpy().astype(np.int64)
@@ -238,7 +311,7 @@ class CanaryAuditor:
         Raises:
             ValueError: the parameters have not moved.
         """
-        delta = (self._theta0 - self._flat(self._optimizer.params)).cpu().numpy().astype(np.float64)
+        delta = (self._theta0 - self._flat(self._params)).cpu().numpy().astype(np.float64)
         inserted = self._directions[:, :self.dim].cpu().numpy().astype(np.float64)
         total = self.num_canaries + self.num_unseen
         unseen = [canary_cosines(delta, canary_directions(

@@ -177,10 +177,11 @@ class DPOptimizer(torch.optim.Optimizer):
         """Add ``hook(step, params) -> list[Tensor] | None`` to the clipped sum of every logical step.
 
         Used to insert audit canaries (e.g. :mod:`dpkit.audit.canaries`): the returned tensors
-        (one per parameter, same shapes) are added to Σ_i c_i g_i BEFORE noise and normalisation,
-        exactly like extra clipped examples. The hook is responsible for bounding each canary's
-        contribution by the clip norm. With ``embedding_noise="lazy"`` the hook receives (and must
-        return tensors for) the dense parameters only. Returns a handle with ``remove()``.
+        (one per parameter, same shapes, or None for a parameter it leaves untouched) are added to
+        Σ_i c_i g_i BEFORE noise and normalisation, exactly like extra clipped examples. The hook
+        is responsible for bounding each canary's contribution by the clip norm. With
+        ``embedding_noise="lazy"`` the hook receives (and must return tensors for) the dense
+        parameters only. Returns a handle with ``remove()``.
         """
         if not callable(hook):
             raise TypeError(f"hook must be callable; got {type(hook).__name__}")
@@ -280,8 +281,8 @@ class DPOptimizer(torch.optim.Optimizer):
         sums = [self.engine.clipped_sum(p) for p in params]
         for hook in self._contribution_hooks:
             extra = hook(self.steps, params)
-            if extra is not None:
-                sums = [s + e for s, e in zip(sums, extra)]
+            if extra is not None:  # a None entry: nothing to add to that parameter
+                sums = [s if e is None else s + e for s, e in zip(sums, extra)]
         if self.distributed:
             _all_reduce_sum(sums)
         # after the all-reduce: every rank draws the SAME noise (same seed), so it counts once
