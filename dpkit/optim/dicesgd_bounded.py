@@ -118,6 +118,14 @@ def _mu_k(sigma, q, steps, clip1, clip2, gradient_bound, batch):
     return k, (np.sqrt(k) * clip1 + feedback) / (sigma * clip1)
 
 
+def _run_settings(sampling_prob, steps, clip1, clip2, gradient_bound, expected_batch_size):
+    """(q, T, C1, C2, G, B̄) validated, each error naming its argument."""
+    c1 = V.positive("clip1", clip1)
+    return (V.probability("sampling_prob", sampling_prob), V.positive_int("steps", steps), c1,
+            V.non_negative("clip2", clip2), validate_gradient_bound(gradient_bound, c1),
+            V.positive("expected_batch_size", expected_batch_size))
+
+
 def participation_delta(epsilon, noise_multiplier, sampling_prob, steps, *, clip1, clip2, gradient_bound,
                         expected_batch_size) -> float:
     """δ_count(ε) of the module theorem: Σ_k Binom(k; T, q) δ_G(μ_k, ε), valid in both directions.
@@ -135,11 +143,8 @@ def participation_delta(epsilon, noise_multiplier, sampling_prob, steps, *, clip
     """
     eps = V.non_negative("epsilon", epsilon)
     sigma = V.positive("noise_multiplier", noise_multiplier)
-    q = V.probability("sampling_prob", sampling_prob)
-    steps = V.positive_int("steps", steps)
-    c1, c2 = V.positive("clip1", clip1), V.non_negative("clip2", clip2)
-    g = validate_gradient_bound(gradient_bound, c1)
-    b = V.positive("expected_batch_size", expected_batch_size)
+    q, steps, c1, c2, g, b = _run_settings(sampling_prob, steps, clip1, clip2, gradient_bound,
+                                           expected_batch_size)
     k, mu = _mu_k(sigma, q, steps, c1, c2, g, b)
     weights = stats.binom.pmf(k, steps, q)
     return float(min(1.0, np.sum(weights * gaussian_dp_delta(mu, eps))))
@@ -225,12 +230,9 @@ def bounded_dicesgd_epsilon(noise_multiplier, sampling_prob, steps, delta, *, cl
         ValueError, TypeError: an argument out of range, named.
     """
     sigma = V.non_negative("noise_multiplier", noise_multiplier)
-    q = V.probability("sampling_prob", sampling_prob)
-    steps = V.positive_int("steps", steps)
     delta = V.delta("delta", delta)
-    c1, c2 = V.positive("clip1", clip1), V.non_negative("clip2", clip2)
-    g = validate_gradient_bound(gradient_bound, c1)
-    b = V.positive("expected_batch_size", expected_batch_size)
+    q, steps, c1, c2, g, b = _run_settings(sampling_prob, steps, clip1, clip2, gradient_bound,
+                                           expected_batch_size)
     if sigma == 0.0:
         return math.inf
     kw = dict(clip1=c1, clip2=c2, gradient_bound=g, expected_batch_size=b)
