@@ -132,11 +132,35 @@ class EmbeddingRowGrad:
     path = "embedding_rows"
 
     def __init__(self, example, rows, grads, batch_size, shape, positions=None, gram=False):
-        self.example, self.rows, self.grads = example, rows, grads
+        # ``example``/``grads`` may be None when ``positions`` holds every lookup (no padding): they
+        # are then formed from it on first use, so a bag's broadcast gradient is never copied to
+        # (B·T, d) unless a slow path needs it
+        self._example, self.rows, self._grads = example, rows, grads
         self.batch_size, self.shape = batch_size, shape
         # optional dense layout (ids (B, T), grads (B, T, d), padding mask); ``gram``: norms by
         # T×T Gram matrices (short sequences), else by sparse row aggregation
         self.positions, self.gram = positions, gram and positions is not None
+
+    @property
+    def example(self) -> torch.Tensor:
+        if self._example is None:
+            B, T = self.positions[0].shape
+            self._example = torch.arange(B, device=self.rows.device).repeat_interleave(T)
+        return self._example
+
+    @property
+    def grads(self) -> torch.Tensor:
+        if self._grads is None:
+            self._grads = self.positions[1].reshape(-1, self.shape[1])
+        return self._grads
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return (self.positions[1] if self._grads is None else self._grads).dtype
+
+    def _broadcast(self) -> bool:
+        """Every position of example i carries the same g_i (a bag's output gradient, stride 0)."""
+        return self.positions is not None and self.positions[1].stride(1) == 0
 
     def _norm_sq_gram(self):
         """Σ_{t,t'} [id_t = id_t'] ⟨g_t, g_t'⟩ per example with T×T Gram matrices (short sequences)."""
@@ -147,11 +171,15 @@ class EmbeddingRowGrad:
         return (torch.bmm(g, g.transpose(1, 2)) * same).sum(dim=(1, 2))
 
     def norm_sq(self):
-        if self.gram and self.positions[1].stride(1) == 0:
+        if self.gram and self._broadcast():
             # every position of example i carries the same g_i (a bag's broadcast output gradient):
             # ‖Σ_t e_{id_t} g_iᵀ‖² = ‖g_i‖²·#{(t, t'): id_t = id_t'}
             ids, g, keep = self.positions
-            pairs = ((ids.unsqueeze(2) == ids.unsqueeze(1)) & keep.unsqueeze(2) & keep.unsqueeze(1)).sum(dim=(1, 2))
+            same = ids.unsqueeze(2) == ids.unsqueeze(1)
+            if keep.stride() == (0, 0):  # one mask value broadcast (the rule's "no padding"): no B·T² ands
+                pairs = same.sum(dim=(1, 2)) * keep[0, 0]
+            else:
+                pairs = (same & keep.unsqueeze(2) & keep.unsqueeze(1)).sum(dim=(1, 2))
             return g[:, 0].to(_norm_dtype(g)).pow(2).sum(1) * pairs
         if self.gram:
             return self._norm_sq_gram()
@@ -173,6 +201,12 @@ class EmbeddingRowGrad:
 
     def clipped_rows(self, c):
         """Σ_i c_i G_i kept sparse: (row ids, (n, d) scaled row gradients), rows may repeat."""
+        if self._broadcast() and self.rows.numel() == self.positions[0].numel():  # rows = ids, in order
+            # scale the (B, d) bag gradients, then ONE copy to (B·T, d) (no gather of c per lookup)
+            g = self.positions[1]
+            dt = _sum_dtype(g, c)
+            scaled = g[:, 0].to(dt) * c.to(dt).unsqueeze(1)
+            return self.rows, scaled.unsqueeze(1).expand(g.shape).reshape(-1, g.shape[2])
         dt = _sum_dtype(self.grads, c)
         return self.rows, self.grads.to(dt) * c.to(dt)[self.example].unsqueeze(1)
 
@@ -184,10 +218,11 @@ class EmbeddingRowGrad:
         return out.view(self.batch_size, *self.shape)
 
     def zero_examples(self, bad):
-        self.grads = torch.where(bad[self.example].unsqueeze(1), 0, self.grads)
         if self.positions is not None:
             ids, g, keep = self.positions
             self.positions = (ids, torch.where(_expand(bad, g), 0, g), keep)
+        if self._grads is not None or self.positions is None:
+            self._grads = torch.where(bad[self.example].unsqueeze(1), 0, self.grads)
 
     @staticmethod
     def concat(parts: list["EmbeddingRowGrad"]) -> "EmbeddingRowGrad":

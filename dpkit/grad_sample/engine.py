@@ -1080,6 +1080,8 @@ def _will_execute(node) -> bool:
 
 
 def _low_precision(contrib) -> bool:
+    if isinstance(contrib, EmbeddingRowGrad):  # without forming its (B·T, d) grads (maybe left unformed)
+        return contrib.dtype in _LOW
     return any(isinstance(t, torch.Tensor) and t.dtype in _LOW
                for t in (getattr(contrib, k, None) for k in ("a", "g", "x", "grads")))
 

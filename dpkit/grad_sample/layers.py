@@ -187,17 +187,18 @@ class EmbeddingBagRule(PerSampleRule):
         """(B, T) bags without padding: id t of bag i receives the bag's output gradient (times its
         weight; / T for mean). Unweighted, the (B, T, d) gradients are a BROADCAST of the (B, d)
         output gradient (stride 0 over t), which lets ``EmbeddingRowGrad.norm_sq`` use
-        ‖G_i‖² = ‖g_i‖²·#{(t, t'): id_t = id_t'} — no gather, no sort."""
+        ‖G_i‖² = ‖g_i‖²·#{(t, t'): id_t = id_t'} — no gather, no sort — and ``clipped_rows``
+        scale each bag's gradient once before copying it to its T ids."""
         B, T = ids.shape
+        if mode == "mean":
+            grad_output = grad_output / T  # (B, d): before the broadcast, which it keeps
         g = grad_output.unsqueeze(1).expand(B, T, grad_output.shape[1])
         if weights is not None:
             g = g * weights.unsqueeze(2).to(g.dtype)
-        if mode == "mean":
-            g = g / T
-        example = torch.arange(B, device=ids.device).repeat_interleave(T)
-        keep = torch.ones_like(ids, dtype=torch.bool)
-        return (example, ids.reshape(-1), g.reshape(B * T, -1), (ids, g, keep),
-                T <= EmbeddingRule.gram_max_positions)
+        # no padding: the keep mask is one True broadcast (stride 0), and the example index and
+        # (B·T, d) gradients are left to EmbeddingRowGrad to form only if a slow path needs them
+        keep = torch.ones((), dtype=torch.bool, device=ids.device).expand(B, T)
+        return None, ids.reshape(-1), None, (ids, g, keep), T <= EmbeddingRule.gram_max_positions
 
 
 class _NormRule(PerSampleRule):

@@ -293,9 +293,9 @@ class RowNoise(abc.ABC):
     @abc.abstractmethod
     def combined(self, table: str, rows: torch.Tensor, starts: torch.Tensor, stop: int,
                  history: StepHistory, shape: tuple[int, int], bulk: bool = False,
-                 dtype: torch.dtype = torch.float64) -> torch.Tensor:
-        """(len(rows), shape[1]) tensor of pending noise of ``dtype`` on ``rows.device`` (see
-        the class docstring).
+                 dtype: torch.dtype = torch.float64, scale: float = 1.0) -> torch.Tensor:
+        """(len(rows), shape[1]) tensor of pending noise times ``scale``, of ``dtype`` on
+        ``rows.device`` (see the class docstring; the caller's −σC/B̄ folds into the draw's scaling).
 
         ``bulk=True`` marks a flush of many rows: a source may then draw from a faster sequential
         stream, as long as every draw stays independent of all others.
@@ -377,8 +377,8 @@ class GaussianRowNoise(RowNoise):
     def _normal(self, n: int, d: int, device, dtype) -> torch.Tensor:
         return torch.randn(n, d, generator=self._generator(device), device=device, dtype=dtype)
 
-    def combined(self, table, rows, starts, stop, history, shape, bulk=False, dtype=torch.float64):
-        std = torch.from_numpy(np.sqrt(history.variance(starts.cpu().numpy(), stop)))
+    def combined(self, table, rows, starts, stop, history, shape, bulk=False, dtype=torch.float64, scale=1.0):
+        std = torch.from_numpy(scale * np.sqrt(history.variance(starts.cpu().numpy(), stop)))
         z = self._normal(rows.numel(), shape[1], rows.device, dtype)
         return z.mul_(std.to(rows.device, dtype).unsqueeze(1))
 
@@ -438,9 +438,9 @@ class CounterGaussianRowNoise(RowNoise):
             return torch.randn(rows.numel(), d, dtype=torch.float64, generator=self._bulk)
         return torch.from_numpy(philox_normal(self.key(table), rows.cpu().numpy(), starts_np, stop, d))
 
-    def combined(self, table, rows, starts, stop, history, shape, bulk=False, dtype=torch.float64):
+    def combined(self, table, rows, starts, stop, history, shape, bulk=False, dtype=torch.float64, scale=1.0):
         starts_np = starts.cpu().numpy()
-        std = torch.from_numpy(np.sqrt(history.variance(starts_np, stop)))
+        std = torch.from_numpy(scale * np.sqrt(history.variance(starts_np, stop)))
         z = self._normal(table, rows, starts_np, stop, shape[1], bulk)
         return (z * std.unsqueeze(1)).to(rows.device, dtype)
 
@@ -499,9 +499,9 @@ class ProbeRowNoise(RowNoise, NoiseMechanism):
         out = torch.zeros(rows.numel(), 2, shape[1], dtype=torch.float64)
         return out.index_add_(0, owner, coef.unsqueeze(2) * z.unsqueeze(1)).to(rows.device, dtype)
 
-    def combined(self, table, rows, starts, stop, history, shape, bulk=False, dtype=torch.float64):
+    def combined(self, table, rows, starts, stop, history, shape, bulk=False, dtype=torch.float64, scale=1.0):
         owner, steps, z = self._expand(rows, starts, stop, shape)
-        coef = torch.from_numpy(history.coefficients(steps.numpy(), stop))
+        coef = torch.from_numpy(scale * history.coefficients(steps.numpy(), stop))
         out = torch.zeros(rows.numel(), shape[1], dtype=torch.float64)
         return out.index_add_(0, owner, z * coef.unsqueeze(1)).to(rows.device, dtype)
 

@@ -43,7 +43,10 @@ class _Table:
 
     ``det[r]``: the step up to which row r's deterministic part (decay and gradients) is applied
     (steps without weight decay may be left out: their decay factor is exactly 1).
-    ``noised[r]``: the step up to which row r's noise is applied; ``noised ≤ det``.
+    ``noised[r]``: the step up to which row r's noise is applied; ``noised ≤ det``, except that
+    reads while the history has no decaying step advance ``noised`` only: ``det`` then lags over
+    steps whose decay factor is exactly 1.
+    ``first``: scratch of the read's deduplication (a lookup position per row).
     """
 
     def __init__(self, name: str, module: nn.Module, group: dict, base: int):
@@ -52,6 +55,7 @@ class _Table:
         rows = self.weight.shape[0]
         self.det = torch.full((rows,), base, dtype=torch.int32, device=self.weight.device)
         self.noised = torch.full((rows,), base, dtype=torch.int32, device=self.weight.device)
+        self.first = torch.empty((rows,), dtype=torch.int32, device=self.weight.device)
         self.history = StepHistory(base)
         # SGD momentum: the row's buffer evolves jointly with the row (MomentumSegment)
         self.momentum = self.segment = None
@@ -149,8 +153,9 @@ class LazyEmbeddingNoise:
 
         Arithmetic in the table's dtype (as eager DP-SGD's). Without weight decay in the history
         the noise, times −s (eager's w −= η·(σC z)/B̄ enters with a minus sign), is scattered in
-        with one ``index_add_``, the markers with ``index_fill_``: per read, one draw of the
-        looked-up rows plus one scatter, the floor of any lazy scheme.
+        with one ``index_add_`` and only ``noised`` is set (``det`` may lag over steps of decay
+        factor 1): per read, one draw of the looked-up rows plus one scatter, the floor of any
+        lazy scheme.
         """
         if rows.numel() == 0:
             return
@@ -164,21 +169,22 @@ class LazyEmbeddingNoise:
         if table.segment is not None:
             det = table.det.index_select(0, rows)
             self._materialise_pair(table, rows, det.long(), noised.long(), stop, bulk)
-        else:
-            noise = None
+        elif table.history.decays:
+            det = table.det.index_select(0, rows)
+            decay = table.history.decay(det.cpu().numpy(), stop)
+            w = weight.index_select(0, rows)
+            w.mul_(torch.from_numpy(decay).to(w.device, w.dtype).unsqueeze(1))
             if self.scale > 0:
-                noise = self.row_noise.combined(table.name, rows, noised.long(), stop, table.history, shape,
-                                                bulk, dtype=weight.dtype)
-            if table.history.decays:
-                det = table.det.index_select(0, rows)
-                decay = table.history.decay(det.cpu().numpy(), stop)
-                w = weight.index_select(0, rows)
-                w.mul_(torch.from_numpy(decay).to(w.device, w.dtype).unsqueeze(1))
-                if noise is not None:
-                    w.sub_(noise, alpha=self.scale)
-                weight.index_copy_(0, rows, w)
-            elif noise is not None:
-                weight.index_add_(0, rows, noise.mul_(-self.scale))  # CPU index_add_ with alpha: ~3x slower
+                w.add_(self.row_noise.combined(table.name, rows, noised.long(), stop, table.history, shape,
+                                               bulk, dtype=weight.dtype, scale=-self.scale))
+            weight.index_copy_(0, rows, w)
+        else:
+            if self.scale > 0:  # CPU index_add_ with alpha is ~3x slower: −s goes into the draw's scaling
+                weight.index_add_(0, rows, self.row_noise.combined(
+                    table.name, rows, noised.long(), stop, table.history, shape, bulk, dtype=weight.dtype,
+                    scale=-self.scale))
+            table.noised.index_fill_(0, rows, stop)
+            return
         table.det.index_fill_(0, rows, stop)
         table.noised.index_fill_(0, rows, stop)
 
@@ -209,8 +215,19 @@ class LazyEmbeddingNoise:
         return hook
 
     def _read(self, table: _Table, ids: torch.Tensor) -> None:
-        """A training forward pass reads the rows ``ids`` looks up: bring them to the current step."""
-        self._materialise(table, torch.unique(ids.detach()).long().to(table.weight.device), self.steps)
+        """A training forward pass reads the rows ``ids`` looks up: bring them to the current step.
+
+        Each row once, in order of first lookup: ``first[row]`` ← the smallest position that looks
+        it up (``scatter_reduce`` amin: deterministic, ≈ 3x faster than ``torch.unique``'s sort);
+        the positions that hold their row's minimum are the distinct rows.
+        """
+        ids = ids.detach().reshape(-1).to(table.weight.device, torch.long)
+        if ids.numel() >= 2**31:  # positions must fit ``first``'s int32
+            self._materialise(table, torch.unique(ids), self.steps)
+            return
+        pos = torch.arange(ids.numel(), dtype=torch.int32, device=ids.device)
+        table.first.scatter_reduce_(0, ids, pos, "amin", include_self=False)
+        self._materialise(table, ids[table.first.index_select(0, ids) == pos], self.steps)
 
     def _before_release(self, module, prefix, keep_vars):
         self.flush()
@@ -267,8 +284,8 @@ class LazyEmbeddingNoise:
                 # the rows needed), index_add_ sums repeated rows itself (no sort and merge), and
                 # ``det`` may stay behind (every decay factor up to here is exactly 1)
                 rows, sums = _clipped_rows(engine, table.weight)
-                if rows.numel():
-                    step = sums.to(table.weight.dtype).mul(-lr / self.expected_batch_size)
+                if rows.numel():  # the engine's rows are consumed here: scaled in place
+                    step = sums.to(table.weight.dtype).mul_(-lr / self.expected_batch_size)
                     table.weight.index_add_(0, rows, step)  # no alpha: CPU index_add_ with alpha is ~3x slower
                 continue
             rows, sums = engine.sparse_clipped_rows(table.weight)  # unique rows: decay once each

@@ -5,8 +5,8 @@ import torch
 import torch.nn as nn
 
 from dpkit.grad_sample import GradientEngine
-from dpkit.grad_sample.contributions import LinearWeightGrad
-from dpkit.grad_sample.layers import EmbeddingRule
+from dpkit.grad_sample.contributions import EmbeddingRowGrad, LinearWeightGrad
+from dpkit.grad_sample.layers import EmbeddingBagRule, EmbeddingRule
 from tests.grad_sample.reference import clipped_sum, per_example_grads
 
 
@@ -173,3 +173,36 @@ def test_fixed_size_bags_with_repeated_ids_match_reference(mode, weighted, twice
         loss(model, inputs).backward()
     engine.accumulate()
     torch.testing.assert_close(engine.clipped_sum(model.weight), clipped_sum(ref, 0.4)[id(model.weight)])
+
+
+@pytest.mark.parametrize("mode, weighted", [("sum", False), ("mean", False), ("sum", True)])
+def test_fixed_size_bags_sparse_rows_and_dropped_examples_match_reference(mode, weighted):
+    """The lazy-noise form of (B, T) bags — sparse clipped rows (bag gradients scaled once, then
+    copied to their ids), norms, the explicit gradients and dropping examples, all formed without
+    the (B·T, d) copy until needed — equals float64 batch-of-1 gradients."""
+    torch.manual_seed(3)
+    B, T, V, d = 6, 5, 9, 4
+    module = nn.EmbeddingBag(V, d, mode=mode).double()
+    ids = torch.randint(0, V, (B, T))
+    ids[:, 2] = ids[:, 0]  # repeated ids inside every bag
+    weights = torch.rand(B, T, dtype=torch.float64) if weighted else None
+    go = torch.randn(B, d, dtype=torch.float64)
+    ref = torch.stack([torch.autograd.grad((module(ids[i:i + 1], per_sample_weights=None if weights is None
+                                                   else weights[i:i + 1]) * go[i:i + 1]).sum(),
+                                           module.weight)[0] for i in range(B)])
+    c = torch.rand(B, dtype=torch.float64)
+    bad = torch.zeros(B, dtype=torch.bool)
+    bad[[1, 4]] = True
+    for drop in (False, True):
+        example, rows, grads, dense, gram = EmbeddingBagRule().rows(module, (ids, None, weights), go)
+        contrib = EmbeddingRowGrad(example, rows, grads, B, module.weight.shape, dense, gram)
+        expected = ref
+        if drop:
+            contrib.zero_examples(bad)
+            expected = torch.where(bad.view(-1, 1, 1), 0, ref)
+        assert contrib.positions[1].stride(1) == (d if weighted or drop else 0)  # fast path exercised
+        rows, vals = contrib.clipped_rows(c)
+        dense = torch.zeros(V, d, dtype=torch.float64).index_add_(0, rows, vals)
+        torch.testing.assert_close(dense, torch.einsum("bvd,b->vd", expected, c))
+        torch.testing.assert_close(contrib.norm_sq(), expected.pow(2).sum(dim=(1, 2)))
+        torch.testing.assert_close(contrib.instantiate(), expected)
