@@ -14,15 +14,18 @@ model statistic is the cosine between θ_0 − θ_T and u_j. Unseen canaries (ne
 null. Optimizers that rescale coordinates (Adam, RMSprop) distort the directions; use SGD (with
 or without momentum) for audits.
 
-Cost: a step sums the directions of the ≈ q·m sampled canaries, k·d float32 reads (memory-
-bound). For d ≤ 65,536 or on an accelerator, the sums of a block of up to 64 steps come from ONE
-``embedding_bag`` call over d/1024 column chunks (no per-canary Python loop, no (k × d) gather
-copy, launch costs paid once per block); for larger d on CPU, as k streaming row adds per step.
-That read is the floor of an exact in-run audit with dense isotropic directions: overhead ≈
-q·m·d·4 bytes / memory bandwidth, against a step whose cost grows with batch·d (see
-docs/auditing.md). Memory: only the m inserted directions are kept (float32, on the parameters'
-device; plus ≤ 16 MiB of block sums); the unseen ones are regenerated from the seed when scored. Directions
-come from :func:`dpkit.audit.canary_directions` (counter-based from (seed, canary index)), so the
+Cost: a step sums the directions of the ≈ q·m sampled canaries. For d ≤ 65,536 or on an
+accelerator, the sums of a block of up to 256 steps come from ONE ``embedding_bag`` call over
+256-column chunks taken chunk by chunk (no per-canary Python loop, no (k × d) gather copy, launch
+costs paid once per block; a chunk's m × 256 slice of the table stays in cache while every step
+of the block reads it, so the table is read from memory once per block, not k rows per step);
+they are scaled by C and split into per-parameter views once per block, so a step only indexes a
+list. For larger d on CPU, k streaming row adds per step (reading k·d floats: the floor of an
+exact insertion of dense isotropic directions, see docs/auditing.md). Large models can confine
+the canaries to a parameter subset (``parameters=``), which makes every cost scale with its size
+d' instead of d. Memory: only the m inserted directions are kept (float32, on the parameters'
+device; plus ≤ 16 MiB of block sums); the unseen ones are regenerated from the seed when scored.
+Directions come from :func:`dpkit.audit.canary_directions` (counter-based from (seed, canary index)), so the
 audit can be redone offline from the seed. The canaries' inclusion coins of logical step t are
 keyed by (seed, ⌊t/64⌋) (row t mod 64 of that block's draw), so an auditor restored with
 :meth:`CanaryAuditor.load_state_dict` next to a resumed optimizer draws exactly what an
@@ -48,15 +51,19 @@ from dpkit.audit.one_shot import OneShotEstimate, one_shot_epsilon
 from dpkit.optim.dp_optimizer import DPOptimizer
 
 # columns per embedding_bag bag: the block's bags run chunk by chunk, so the m × 256 float32 slice
-# of the table that a chunk's bags read (1 MiB for m = 1,000) stays in L2 across the block's ≈ 64·q
+# of the table that a chunk's bags read (1 MiB for m = 1,000) stays in L2 across the block's ≈ n·q
 # reads of each row: 1.3x faster than 1024-column chunks taken step by step (d = 4,810, 1 thread)
 _CHUNK = 256
-# Above this d, on CPU, k in-place row adds beat the fused call: each add streams one contiguous row
-# (prefetch-friendly) and its ≈ 3 µs launch is < 10% of it; embedding_bag hops between k rows per
-# 4 KiB chunk and ran 1.7x slower at d = 203,530 (benchmarks/audit_overhead.py machine).
+# Above this d, on CPU, k in-place row adds per step: each add streams one contiguous row (prefetch-
+# friendly, its ≈ 3 µs launch < 10% of it); the budget leaves blocks too short for rows to be reused
+# (16 steps at d = 203,530, ≈ 0.8 reads per row), where embedding_bag ran 1.1–1.2x slower.
 _ROW_ADD_MIN_DIM = 65536
 _MASK_BLOCK = 64  # steps whose canary coins are drawn together
-_SUM_BUDGET = 1 << 22  # floats (16 MiB) of canary sums precomputed for a block of up to 64 steps
+# steps per block of canary sums (≤ _SUM_BUDGET): in a real run the table is cold again at each
+# block (the steps in between evict it), so its m·d read is paid once per block; 256 steps amortise
+# it to ≈ 80 KB per step for m = 1,000, d = 4,810 (64 steps: +2% step time on the 64→64→10 MLP)
+_MAX_SUM_STEPS = 256
+_SUM_BUDGET = 1 << 22  # floats (16 MiB) of canary sums precomputed for a block of up to 256 steps
 _SCORE_BLOCK = 256  # unseen directions regenerated this many at a time when scoring
 
 
@@ -164,7 +171,7 @@ class CanaryAuditor:
             raise ValueError(f"num_canaries + num_unseen must be <= the number of {what} "
                              f"({self.dim}); got {total}")
         self._directions = self._make_directions(self._params[0].device)
-        self._mask_block = (-1, None)  # (block index, its (64, m) coins)
+        self._coins = {}  # the last few coin blocks: block index → (64, m) coins
         self._rows = (-1, None)  # (first step of a sum block, per step: C·Σ_{sampled j} u_j per parameter)
         self._layout = (None, None)  # (ids of the hook's params, where each sits in the subset)
         self._theta0 = self._flat(self._params).clone()
@@ -176,7 +183,8 @@ class CanaryAuditor:
         of canary j at row j·c + r, so one embedding_bag sums any canaries' chunks."""
         self._chunks = -(-self.dim // _CHUNK)
         # steps per sum block: a power of two ≤ 64 (so blocks nest in the coin blocks) within budget
-        self._sum_steps = 1 << min(6, max(1, _SUM_BUDGET // (self._chunks * _CHUNK)).bit_length() - 1)
+        # steps per sum block: a power of two (so sum and coin blocks nest) within budget
+        self._sum_steps = min(_MAX_SUM_STEPS, 1 << (max(1, _SUM_BUDGET // (self._chunks * _CHUNK)).bit_length() - 1))
         table = torch.zeros(self.num_canaries, self._chunks * _CHUNK, dtype=torch.float32, device=device)
         table[:, :self.dim] = torch.from_numpy(
             canary_directions(self.seed, self.num_canaries, self.dim, dtype=np.float32))
@@ -187,11 +195,17 @@ class CanaryAuditor:
         keyed by (seed, tag, step // 64), separate from the directions, so a resumed auditor
         continues instead of replaying step 0's coins (one draw per 64 steps: a fresh generator
         costs ≈ 15 µs, 1.5% of a small model's step)."""
-        block = int(step) // _MASK_BLOCK
-        if self._mask_block[0] != block:
+        return self._coin_block(int(step) // _MASK_BLOCK)[int(step) % _MASK_BLOCK]
+
+    def _coin_block(self, block: int) -> np.ndarray:
+        """(64, m) coins of steps 64·block … 64·block + 63, cached for the sum block's span."""
+        coins = self._coins.get(block)
+        if coins is None:
             rng = np.random.default_rng(np.random.SeedSequence([self.seed, 0xCA7A, block]))
-            self._mask_block = (block, rng.random((_MASK_BLOCK, self.num_canaries)) < self.sampling_rate)
-        return self._mask_block[1][int(step) % _MASK_BLOCK]
+            coins = self._coins[block] = rng.random((_MASK_BLOCK, self.num_canaries)) < self.sampling_rate
+            if len(self._coins) > max(1, self._sum_steps // _MASK_BLOCK):
+                del self._coins[next(iter(self._coins))]  # the oldest
+        return coins
 
     @staticmethod
     def _flat(params) -> torch.Tensor:
@@ -214,7 +228,8 @@ class CanaryAuditor:
         n, step = self._sum_steps, int(step)
         first = step - step % n
         if self._rows[0] != first:
-            coins = np.stack([self._inclusion_mask(t) for t in range(first, first + n)])
+            blocks = range(first // _MASK_BLOCK, (first + n - 1) // _MASK_BLOCK + 1)
+            coins = np.concatenate([self._coin_block(b) for b in blocks])[first % _MASK_BLOCK:][:n]
             t, j = np.nonzero(coins)  # sorted by step
             counts = np.bincount(t, minlength=n)
             starts = np.cumsum(counts) - counts
@@ -297,7 +312,7 @@ class CanaryAuditor:
             raise ValueError(f"state was saved with canaries in the optimizer's parameters {saved}; "
                              f"this auditor uses {self._indices}: pass the same parameters=")
         self.seed = int(state["seed"])
-        self._mask_block, self._rows = (-1, None), (-1, None)
+        self._coins, self._rows = {}, (-1, None)
         self._directions = self._make_directions(self._directions.device)
         self._theta0 = torch.as_tensor(state["theta0"]).to(self._theta0.device, self._theta0.dtype).clone()
         self.inclusions = torch.as_tensor(state["inclusions"]).numpy().astype(np.int64)

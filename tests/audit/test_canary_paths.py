@@ -60,8 +60,8 @@ def test_coins_across_mask_blocks_are_fresh_bernoulli_draws():
 
 
 def test_every_step_of_a_sum_block_inserts_its_own_canaries():
-    # σ = 0, zero data loss: step t moves θ by −lr·C·Σ_{j ∈ S_t} u_j / B̄ exactly; 70 steps cross
-    # coin and sum blocks, and q is low enough that some steps (and some block tails) are empty
+    # σ = 0, zero data loss: step t moves θ by −lr·C·Σ_{j ∈ S_t} u_j / B̄ exactly; 270 steps cross
+    # coin blocks (64 steps) and a sum block (256), and q is low enough that some steps are empty
     torch.manual_seed(0)
     model = nn.Linear(8, 10)
     lr, clip, q, batch = 0.5, 1.5, 0.02, 4.0
@@ -69,9 +69,10 @@ def test_every_step_of_a_sum_block_inserts_its_own_canaries():
     _, opt, _ = dpkit.make_private(model, opt, None, noise_multiplier=0.0, max_grad_norm=clip,
                                    sample_rate=q, expected_batch_size=batch)
     auditor = CanaryAuditor(opt, num_canaries=40, num_unseen=4, sampling_rate=q, seed=7)
+    assert auditor._sum_steps == 256
     dirs = canary_directions(7, 40, auditor.dim)
     x, empty = torch.randn(3, 8), 0
-    for _ in range(70):
+    for _ in range(270):
         before = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double()
         counts = auditor.inclusions.copy()
         _one_zero_loss_step(model, opt, x)
@@ -80,4 +81,4 @@ def test_every_step_of_a_sum_block_inserts_its_own_canaries():
         empty += not sampled.any()
         np.testing.assert_allclose((after - before).numpy(), -lr * clip * dirs[sampled].sum(0) / batch,
                                    atol=1e-6)
-    assert 0 < empty < 70
+    assert 0 < empty < 270
