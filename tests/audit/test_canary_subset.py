@@ -149,3 +149,44 @@ def test_subset_refusals_name_the_argument():
         CanaryAuditor(opt, parameters=["weight"], **args)
     with pytest.raises(ValueError, match=r"coordinates in parameters \(10\)"):
         CanaryAuditor(opt, parameters=[model[2].bias], **{**args, "num_canaries": 6})
+
+
+class _EmbeddingModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(100, 8), nn.Linear(8, 30)
+
+    def forward(self, ids):
+        return self.head(self.emb(ids).mean(1))
+
+
+def test_subset_of_the_dense_parameters_audits_a_run_with_lazy_embedding_noise():
+    # lazily noised tables leave the dense step: canaries must then live in the dense parameters
+    torch.manual_seed(0)
+    model = _EmbeddingModel()
+    lr, clip, batch = 0.5, 1.5, 4.0
+    _, opt, _ = dpkit.make_private(model, torch.optim.SGD(model.parameters(), lr=lr), None,
+                                   noise_multiplier=0.0, max_grad_norm=clip, sample_rate=0.3,
+                                   expected_batch_size=batch, embedding_noise="lazy")
+    ids = torch.randint(0, 100, (4, 5))
+
+    def zero_loss_step():
+        opt.zero_grad()
+        (0.0 * model(ids).sum()).backward()
+        opt.step()
+
+    everything = CanaryAuditor(opt, num_canaries=20, num_unseen=4, sampling_rate=0.3, seed=2)
+    with pytest.raises(RuntimeError, match="parameters= a subset of the dense parameters"):
+        zero_loss_step()
+    everything.remove()
+    opt.zero_grad()
+    auditor = CanaryAuditor(opt, num_canaries=20, num_unseen=4, sampling_rate=0.3, seed=2,
+                            parameters=model.head.parameters())
+    head0, emb0 = _flat(model.head.parameters()), model.emb.weight.detach().clone()
+    zero_loss_step()
+    sampled = auditor.inclusions.astype(bool)
+    assert 0 < sampled.sum() < 20
+    dirs = canary_directions(2, 20, 270)
+    np.testing.assert_allclose((_flat(model.head.parameters()) - head0).numpy(),
+                               -lr * clip * dirs[sampled].sum(0) / batch, atol=1e-6)
+    assert torch.equal(model.emb.weight, emb0)
