@@ -28,8 +28,15 @@ per-example clipping and the lazy sparse update; for the floor its extra unique/
 on CUDA each part is synchronised) and printed as medians over rounds next to each other.
 The time to flush all pending noise (needed once before release) is reported separately.
 
+``--baseline DIR`` adds "lazy (baseline)": the lazy step of ANOTHER dpkit tree (``DIR/dpkit``), in
+the same rounds, for before/after tables from one process (its modules are swapped into
+``sys.modules`` while it builds its optimizer; a tree that imports dpkit modules inside its step
+would pick up the running tree's).
+
     python benchmarks/lazydp.py                        # 1M rows, 7 rounds x 10 steps
     python benchmarks/lazydp.py --quick --json out.json
+    git archive 85ab2f9 dpkit | tar -x -C /tmp/before && \
+        python benchmarks/lazydp.py --configs lazy floor --baseline /tmp/before
 """
 
 from __future__ import annotations
@@ -37,8 +44,10 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import importlib
 import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -49,6 +58,7 @@ from dpkit.mechanisms.lazy import CounterGaussianRowNoise
 
 DIM, IDS_PER_BAG = 64, 8
 FLOOR = "floor (non-private + draw & scatter touched rows' noise)"
+BASELINE = "lazy (baseline)"
 
 
 class _DLRM(nn.Module):
@@ -61,19 +71,33 @@ class _DLRM(nn.Module):
         return self.mlp(self.table(ids)).squeeze(1)
 
 
-def build(config: str, rows: int, bags: int, seed: int = 0):
-    """(model, optimizer) of one configuration."""
+def build(config: str, rows: int, bags: int, seed: int = 0, lib=dpkit):
+    """(model, optimizer) of one configuration (``lib``: the dpkit package that makes it private)."""
     torch.manual_seed(seed)
     with torch.no_grad():
         model = _DLRM(rows)
     base = torch.optim.SGD(model.parameters(), lr=0.05)
     if config in ("non-private", FLOOR):
         return model, base
-    emb = {"lazy": "lazy", "lazy-keyed": CounterGaussianRowNoise(seed), "eager": "eager"}[config]
-    _, opt, _ = dpkit.make_private(model, base, None, max_grad_norm=1.0, noise_multiplier=1.0,
-                                   sample_rate=bags / 1e7, expected_batch_size=bags, embedding_noise=emb,
-                                   generator=torch.Generator().manual_seed(seed))
+    emb = {"lazy": "lazy", BASELINE: "lazy", "lazy-keyed": CounterGaussianRowNoise(seed), "eager": "eager"}[config]
+    _, opt, _ = lib.make_private(model, base, None, max_grad_norm=1.0, noise_multiplier=1.0,
+                                 sample_rate=bags / 1e7, expected_batch_size=bags, embedding_noise=emb,
+                                 generator=torch.Generator().manual_seed(seed))
     return model, opt
+
+
+def build_baseline(path: str, rows: int, bags: int):
+    """The lazy configuration built by the dpkit package under ``path`` (swapped into
+    ``sys.modules`` while it builds: dpkit imports some of its modules at construction)."""
+    ours = {k: sys.modules.pop(k) for k in list(sys.modules) if k == "dpkit" or k.startswith("dpkit.")}
+    sys.path.insert(0, path)
+    try:
+        return build(BASELINE, rows, bags, lib=importlib.import_module("dpkit"))
+    finally:
+        sys.path.remove(path)
+        for k in [k for k in sys.modules if k == "dpkit" or k.startswith("dpkit.")]:
+            del sys.modules[k]
+        sys.modules.update(ours)
 
 
 class _Timer:
@@ -103,7 +127,7 @@ class _Timer:
 PARTS = {  # label -> printed name (indented: a part of the row above)
     "zero_grad": "zero_grad",
     "forward": "forward",
-    "lazy read": "  lazy materialisation in the pre-hook (unique, markers, randn, scatter)",
+    "lazy read": "  lazy materialisation in the pre-hook (dedup, markers, randn, scatter)",
     "backward": "backward",
     "step": "optimizer.step",
     "engine": "  engine: per-example norms and clipping (accumulate)",
@@ -128,6 +152,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: stable timings on a shared machine)")
     parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--baseline", metavar="DIR",
+                        help="also time the lazy step of the dpkit package in DIR/dpkit (before/after)")
     args = parser.parse_args(argv)
     if args.quick:
         args.rows, args.rounds, args.steps = min(args.rows, 100_000), min(args.rounds, 3), min(args.steps, 3)
@@ -135,6 +161,8 @@ def main(argv=None) -> int:
     if min(args.steps, args.eager_steps, args.rounds) < 1 or args.rows < args.bags * IDS_PER_BAG:
         parser.error("--steps, --eager-steps and --rounds must be >= 1 and --rows >= bags * 8")
     configs = ["non-private"] + [FLOOR if c == "floor" else c for c in args.configs if c != "non-private"]
+    if args.baseline:
+        configs.insert(1, BASELINE)
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     loss_fn = nn.BCEWithLogitsLoss()
@@ -144,7 +172,8 @@ def main(argv=None) -> int:
                 torch.randint(0, 2, (args.bags,), generator=g).float().to(device)) for _ in range(n_batches)]
     runs = {}
     for c in configs:
-        model, opt = build(c, args.rows, args.bags)
+        model, opt = build_baseline(args.baseline, args.rows, args.bags) if c == BASELINE else \
+            build(c, args.rows, args.bags)
         runs[c] = (model.to(device), opt)
 
     def step(model, opt, ids, y, timer):
@@ -194,9 +223,12 @@ def main(argv=None) -> int:
            "ms_per_step": ms, "ms_min_max": spread,
            "ratio_to_non_private": {c: statistics.median(v) for c, v in ratios.items()},
            "ratio_min_max": {c: [min(v), max(v)] for c, v in ratios.items()}}
+    if BASELINE in timed and "lazy" in timed:  # paired per round: the machine's load cancels
+        paired = [a / b for a, b in zip(timed["lazy"], timed[BASELINE])]
+        out["lazy_over_baseline"] = {"median": statistics.median(paired), "min_max": [min(paired), max(paired)]}
     out["parts_ms"] = {c: {label: statistics.median(v) for label, v in parts[c].items()}
                        for c in configs if c != "eager"}
-    for c in ("lazy", "lazy-keyed"):
+    for c in ("lazy", BASELINE, "lazy-keyed"):
         if c in runs:
             sync()
             t0 = time.perf_counter()
@@ -211,6 +243,10 @@ def main(argv=None) -> int:
         lo, hi = out["ratio_min_max"][c]
         print(f"{c:<58}{ms[c]:>9.2f}{spread[c][0]:>8.1f}-{spread[c][1]:<7.1f}"
               f"{out['ratio_to_non_private'][c]:>15.2f}{lo:>8.2f}-{hi:<5.2f}")
+    if "lazy_over_baseline" in out:
+        r = out["lazy_over_baseline"]
+        print(f"\nlazy / lazy (baseline), paired per round: {r['median']:.3f} "
+              f"(min-max {r['min_max'][0]:.3f}-{r['min_max'][1]:.3f})")
     shown = [c for c in ("non-private", "lazy", FLOOR) if c in out["parts_ms"]]
     print("\nparts of the step, ms (median over rounds; timed inside the same rounds):")
     print(f"{'':<74}" + "".join(f"{c.split(' (')[0]:>13}" for c in shown))
