@@ -6,15 +6,17 @@
 
 Model: the MLP of ``dpkit demo`` (64→64→10) and a wider one (784→256→10), batch 128, q = 0.05, SGD;
 the wider one also with the canaries confined to its last layer (``parameters=model[-1].parameters()``,
-d' = 2,570 canary coordinates: row "784→256→10 [last]");
-the same DP-SGD run is timed with no canaries and with ``CanaryAuditor`` (canary directions sampled
-at the run's rate and added to the clipped sum each step); steps are interleaved round-robin in this
-process (median, the min–max of the per-round overheads as the spread, and the ratio of the fastest
-rounds, the least disturbed by other load on a shared machine). Two more columns locate
-the floor: ``hook`` is the auditor's contribution alone (mask + fused sum of the ≈ q·m sampled
-directions), ``read k·d`` a plain sum of k contiguous rows at a random offset of the same direction table
-(k·d float32 values, not in cache) — the memory traffic that any exact insertion of k dense d-dim
-directions must pay (d = d' with a subset).
+d' = 2,570 canary coordinates: row "784→256→10 [last]"). The same DP-SGD run is timed with no
+canaries and with ``CanaryAuditor`` (canary directions sampled at the run's rate and added to the
+clipped sum each step); steps are interleaved round-robin in this process, in rounds of 256 steps
+(one block of canary sums, so amortised costs count): median, the min–max of the per-round
+overheads as the spread, and the ratio of the fastest rounds, the least disturbed by other load on
+a shared machine. Two more columns locate the floor: ``hook`` is the auditor's contribution alone
+(coins, block sums of the ≈ q·m sampled directions, views), called back to back on a second
+auditor, so its table stays in cache (in a run the steps in between evict it: a lower bound);
+``read k·d`` a plain sum of k contiguous rows at a random offset of the same direction table (k·d
+float32 values) — the per-step traffic of inserting k dense d-dim directions row by row (d = d'
+with a subset).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch
 import torch.nn as nn
 
 import dpkit
-from dpkit.audit.canaries import CanaryAuditor
+from dpkit.audit.canaries import _MAX_SUM_STEPS, CanaryAuditor
 
 sys.path.insert(0, "benchmarks")
 import _harness as H  # noqa: E402
@@ -92,7 +94,8 @@ def main(argv=None):
             fn()
         for _ in range(args.rounds):
             for name, fn in fns.items():
-                samples[name].append(_timed(fn, 64))  # a whole 64-step block: amortised costs count
+                # a whole block of canary sums per round (CanaryAuditor's largest): amortised costs count
+                samples[name].append(_timed(fn, _MAX_SUM_STEPS))
         med = {name: statistics.median(v) for name, v in samples.items()}
         overheads = [a / b - 1 for a, b in zip(samples["audited"], samples["base"])]
         rows.append({"model": "→".join(map(str, widths)) + (" [last]" if last else ""),

@@ -66,8 +66,9 @@ def test_canaries_are_poisson_sampled_at_the_given_rate():
     assert int(canaries.inclusions.sum()) == total
 
 
-def _audited_run(noise_multiplier, seed):
-    """5 epochs of DP-SGD (q = 0.05, T = 100) on synthetic 10-class data with 200 + 200 canaries."""
+def _audited_run(noise_multiplier, seed, last_layer=False):
+    """5 epochs of DP-SGD (q = 0.05, T = 100) on synthetic 10-class data with 200 + 200 canaries
+    (in every parameter, d = 2762, or in the last layer, d' = 650)."""
     g = torch.Generator().manual_seed(seed)
     n, batch = 200, 10
     x = torch.randn(n, 32, generator=g)
@@ -79,7 +80,8 @@ def _audited_run(noise_multiplier, seed):
         noise_multiplier=noise_multiplier, max_grad_norm=1.0,
         generator=torch.Generator().manual_seed(seed + 1))
     # q given explicitly: with σ = 0 the step event carries no sampling rate
-    canaries = CanaryAuditor(opt, num_canaries=200, sampling_rate=batch / n, seed=seed)
+    canaries = CanaryAuditor(opt, num_canaries=200, sampling_rate=batch / n, seed=seed,
+                             parameters=model[2].parameters() if last_layer else None)
     for _ in range(5):
         for xb, yb in loader:
             opt.zero_grad()
@@ -103,6 +105,17 @@ def test_self_audit_flags_a_run_without_noise():
     report, _ = _audited_run(noise_multiplier=0.0, seed=0)
     assert report.verdict == "violation"
     assert report.estimate.epsilon_lower > report.claimed_epsilon
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_self_audit_with_canaries_in_the_last_layer(seed):
+    # the subset's null is N(0, 1/d'): a correct run stays below the claim, a noise-free one is flagged
+    report, auditor = _audited_run(noise_multiplier=1.0, seed=seed, last_layer=True)
+    assert auditor.dim == 650 == report.artifact.dim
+    assert report.verdict == "consistent"
+    assert report.estimate.epsilon > 0.5
+    report, _ = _audited_run(noise_multiplier=0.0, seed=seed, last_layer=True)
+    assert report.verdict == "violation"
 
 
 def test_sampling_rate_is_read_from_the_step_event():
