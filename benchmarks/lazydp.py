@@ -43,8 +43,9 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import importlib
+import json
+import os
 import platform
 import statistics
 import sys
@@ -162,6 +163,9 @@ def main(argv=None) -> int:
         parser.error("--steps, --eager-steps and --rounds must be >= 1 and --rows >= bags * 8")
     configs = ["non-private"] + [FLOOR if c == "floor" else c for c in args.configs if c != "non-private"]
     if args.baseline:
+        if not os.path.isfile(os.path.join(args.baseline, "dpkit", "__init__.py")):
+            parser.error(f"--baseline {args.baseline!r} must hold a dpkit package (DIR/dpkit/__init__.py), "
+                         "e.g. from: git archive REV dpkit | tar -x -C DIR")
         configs.insert(1, BASELINE)
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
