@@ -25,9 +25,9 @@ exact insertion of dense isotropic directions, see docs/auditing.md). Large mode
 the canaries to a parameter subset (``parameters=``), which makes every cost scale with its size
 d' instead of d. Memory: only the m inserted directions are kept (float32, on the parameters'
 device; plus ≤ 16 MiB of block sums); the unseen ones are regenerated from the seed when scored.
-Directions come from :func:`dpkit.audit.canary_directions` (counter-based from (seed, canary index)), so the
-audit can be redone offline from the seed. The canaries' inclusion coins of logical step t are
-keyed by (seed, ⌊t/64⌋) (row t mod 64 of that block's draw), so an auditor restored with
+Directions come from :func:`dpkit.audit.canary_directions` (counter-based from (seed, canary
+index)), so the audit can be redone offline from the seed. The canaries' inclusion coins of
+logical step t are keyed by (seed, ⌊t/64⌋) (row t mod 64 of that block's draw), so an auditor restored with
 :meth:`CanaryAuditor.load_state_dict` next to a resumed optimizer draws exactly what an
 uninterrupted run draws.
 
@@ -172,7 +172,7 @@ class CanaryAuditor:
                              f"({self.dim}); got {total}")
         self._directions = self._make_directions(self._params[0].device)
         self._coins = {}  # the last few coin blocks: block index → (64, m) coins
-        self._rows = (-1, None)  # (first step of a sum block, per step: C·Σ_{sampled j} u_j per parameter)
+        self._rows = (-1, None)  # (first step of a sum block, per step: C·Σ_{j sampled} u_j views)
         self._layout = (None, None)  # (ids of the hook's params, where each sits in the subset)
         self._theta0 = self._flat(self._params).clone()
         self.inclusions = np.zeros(self.num_canaries, dtype=np.int64)  # times each was sampled
@@ -182,9 +182,9 @@ class CanaryAuditor:
         """Inserted directions as a zero-padded (m, c·256) table: its (m·c, 256) view has chunk r
         of canary j at row j·c + r, so one embedding_bag sums any canaries' chunks."""
         self._chunks = -(-self.dim // _CHUNK)
-        # steps per sum block: a power of two ≤ 64 (so blocks nest in the coin blocks) within budget
         # steps per sum block: a power of two (so sum and coin blocks nest) within budget
-        self._sum_steps = min(_MAX_SUM_STEPS, 1 << (max(1, _SUM_BUDGET // (self._chunks * _CHUNK)).bit_length() - 1))
+        fit = max(1, _SUM_BUDGET // (self._chunks * _CHUNK))
+        self._sum_steps = min(_MAX_SUM_STEPS, 1 << (fit.bit_length() - 1))
         table = torch.zeros(self.num_canaries, self._chunks * _CHUNK, dtype=torch.float32, device=device)
         table[:, :self.dim] = torch.from_numpy(
             canary_directions(self.seed, self.num_canaries, self.dim, dtype=np.float32))
@@ -202,7 +202,8 @@ class CanaryAuditor:
         coins = self._coins.get(block)
         if coins is None:
             rng = np.random.default_rng(np.random.SeedSequence([self.seed, 0xCA7A, block]))
-            coins = self._coins[block] = rng.random((_MASK_BLOCK, self.num_canaries)) < self.sampling_rate
+            coins = rng.random((_MASK_BLOCK, self.num_canaries)) < self.sampling_rate
+            self._coins[block] = coins
             if len(self._coins) > max(1, self._sum_steps // _MASK_BLOCK):
                 del self._coins[next(iter(self._coins))]  # the oldest
         return coins
