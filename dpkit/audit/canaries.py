@@ -85,6 +85,9 @@ def _subset_indices(all_params, parameters) -> list[int]:
         return list(range(len(all_params)))
     if isinstance(parameters, torch.Tensor):
         parameters = [parameters]
+    if isinstance(parameters, torch.nn.Module):
+        raise TypeError(f"parameters must be tensors, not a {type(parameters).__name__}: pass "
+                        "module.parameters()")
     position = {id(p): i for i, p in enumerate(all_params)}
     indices = []
     for k, p in enumerate(parameters):
@@ -135,7 +138,7 @@ class CanaryAuditor:
 
     Raises:
         TypeError: ``optimizer`` is not a DPOptimizer; non-integer counts or seed; ``parameters``
-            holds something that is not a tensor.
+            is a module or holds something that is not a tensor.
         ValueError: counts < 2, q outside (0, 1] or not inferable, more canaries than
             parameters (d'), a distributed optimizer, ``parameters`` empty, repeated, or not
             trainable parameters of the optimizer.

@@ -147,6 +147,8 @@ def test_subset_refusals_name_the_argument():
         CanaryAuditor(opt, parameters=[model[2].bias, model[2].bias], **args)
     with pytest.raises(TypeError, match=r"parameters\[0\] is a str"):
         CanaryAuditor(opt, parameters=["weight"], **args)
+    with pytest.raises(TypeError, match=r"not a Linear: pass module.parameters\(\)"):
+        CanaryAuditor(opt, parameters=model[2], **args)
     with pytest.raises(ValueError, match=r"coordinates in parameters \(10\)"):
         CanaryAuditor(opt, parameters=[model[2].bias], **{**args, "num_canaries": 6})
 
