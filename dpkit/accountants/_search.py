@@ -4,6 +4,15 @@ from __future__ import annotations
 
 from typing import Callable
 
+from dpkit import _validate as V
+
+
+def search_targets(target_epsilon, target_delta, max_noise_multiplier, rtol) -> tuple:
+    """The arguments every σ calibration shares, validated: (ε, δ, largest σ searched, rtol)."""
+    return (V.positive("target_epsilon", target_epsilon), V.delta("target_delta", target_delta),
+            V.positive("max_noise_multiplier", max_noise_multiplier),
+            V.probability("rtol", rtol, allow_one=False))
+
 
 def smallest_feasible(feasible: Callable[[float], bool], *, start: float, lower: float, upper: float,
                       rtol: float, unreachable: Callable[[], Exception]) -> float:

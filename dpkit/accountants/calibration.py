@@ -17,7 +17,7 @@ import math
 
 from dpkit import _validate as V
 from dpkit.accountants._schedule import epochs_to_steps
-from dpkit.accountants._search import smallest_feasible
+from dpkit.accountants._search import search_targets, smallest_feasible
 from dpkit.accountants.base import Accountant
 from dpkit.accountants.events import dpsgd_event
 from dpkit.accountants.pld import PLDAccountant
@@ -96,11 +96,9 @@ def calibrate_noise_multiplier(target_epsilon, target_delta, sampling_prob=None,
             (a ``ValueError``).
         ValueError, TypeError: an invalid argument or a mixed/incomplete schedule.
     """
-    target_epsilon = V.positive("target_epsilon", target_epsilon)
-    target_delta = V.delta("target_delta", target_delta)
+    target_epsilon, target_delta, max_sigma, rtol = search_targets(target_epsilon, target_delta,
+                                                                   max_noise_multiplier, rtol)
     q, steps = _resolve_schedule(sampling_prob, steps, epochs, dataset_size, batch_size)
-    max_sigma = V.positive("max_noise_multiplier", max_noise_multiplier)
-    rtol = V.probability("rtol", rtol, allow_one=False)
     fresh = accountant_factory(accountant)
 
     def eps(sigma: float) -> float:

@@ -81,7 +81,7 @@ from dp_accounting import dp_event as _dpe
 from scipy import special, stats
 
 from dpkit import _validate as V
-from dpkit.accountants._search import smallest_feasible
+from dpkit.accountants._search import search_targets, smallest_feasible
 from dpkit.accountants.base import Accountant
 from dpkit.accountants.calibration import accountant_factory
 from dpkit.errors import CalibrationError
@@ -271,10 +271,8 @@ def calibrate_bounded_dicesgd_noise(target_epsilon, target_delta, sampling_prob,
         CalibrationError: unreachable with σ ≤ ``max_noise_multiplier``.
         ValueError, TypeError: invalid arguments, named.
     """
-    target_epsilon = V.positive("target_epsilon", target_epsilon)
-    target_delta = V.delta("target_delta", target_delta)
-    max_sigma = V.positive("max_noise_multiplier", max_noise_multiplier)
-    rtol = V.probability("rtol", rtol, allow_one=False)
+    target_epsilon, target_delta, max_sigma, rtol = search_targets(target_epsilon, target_delta,
+                                                                   max_noise_multiplier, rtol)
     kw = dict(clip1=clip1, clip2=clip2, gradient_bound=gradient_bound, expected_batch_size=expected_batch_size,
               accountant=accountant)
     # validate every argument eagerly (cheap: the participation bound at one ε)

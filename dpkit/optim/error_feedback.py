@@ -60,7 +60,7 @@ import torch
 from dp_accounting import dp_event as _dpe
 
 from dpkit import _validate as V
-from dpkit.accountants._search import smallest_feasible
+from dpkit.accountants._search import search_targets, smallest_feasible
 from dpkit.accountants.calibration import accountant_factory
 from dpkit.errors import CalibrationError
 from dpkit.mechanisms.noise import GaussianNoise
@@ -170,10 +170,8 @@ def calibrate_dicesgd_noise(target_epsilon, target_delta, sampling_prob, steps, 
         CalibrationError: unreachable with σ ≤ ``max_noise_multiplier``.
         ValueError, TypeError: invalid arguments, named.
     """
-    target_epsilon = V.positive("target_epsilon", target_epsilon)
-    target_delta = V.delta("target_delta", target_delta)
-    max_sigma = V.positive("max_noise_multiplier", max_noise_multiplier)
-    rtol = V.probability("rtol", rtol, allow_one=False)
+    target_epsilon, target_delta, max_sigma, rtol = search_targets(target_epsilon, target_delta,
+                                                                   max_noise_multiplier, rtol)
     # validate the event arguments once, eagerly
     dicesgd_event(1.0, sampling_prob, steps, clip1=clip1, clip2=clip2,
                   expected_batch_size=expected_batch_size, noise_split=noise_split)
